@@ -1,0 +1,3 @@
+from fraglm.cli import main
+
+main()
