@@ -21,11 +21,17 @@ config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config file (default: built-in defaults).")
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: built-in defaults)."),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.lr=1e-3 (repeatable; `fraglm config reference` lists every key)."),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a config key, e.g. --set train.lr=1e-3 (repeatable; "
+        "`fraglm config reference` lists every key).",
+    ),
 ]
 
 

@@ -44,9 +44,7 @@ class DataConfig:
         "<|Q|>{question}<|A|>{answer}<|END|>",
         "How one Q&A record becomes a document; {question} and {answer} are filled in.",
     )
-    max_records: int | None = _opt(
-        None, "Use only the first N records (quick experiments).", ge=1
-    )
+    max_records: int | None = _opt(None, "Use only the first N records (quick experiments).", ge=1)
     val_fraction: float = _opt(0.05, "Fraction of documents held out for validation.", ge=0, lt=1)
     split_seed: int = _opt(1234, "Seed of the deterministic train/validation split by document.")
     tokenized_dir: str = _opt(
@@ -78,7 +76,8 @@ class ModelConfig:
         None, "Key/value heads for grouped-query attention (default: n_heads).", ge=1
     )
     mlp_hidden: int | None = _opt(
-        None, "MLP hidden width (default: 4*d_model for seed, ~8/3*d_model rounded for modern).",
+        None,
+        "MLP hidden width (default: 4*d_model for seed, ~8/3*d_model rounded for modern).",
         ge=1,
     )
     context_length: int = _opt(512, "Maximum sequence length in tokens.", ge=2)
@@ -94,10 +93,13 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = _opt("checkpoints/run", "Run directory: checkpoints, config, metrics.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", "Device; auto picks cuda, mps, cpu.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = _opt(
+        "auto", "Device; auto picks cuda, mps, cpu."
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _opt(
         "auto",
-        "auto: bf16 on CUDA capability >= 8.0, fp16 autocast + GradScaler below (P100), fp32 on CPU.",
+        "auto: bf16 on CUDA capability >= 8.0, fp16 autocast + GradScaler below it (P100), "
+        "fp32 on CPU.",
     )
     compile: bool = _opt(False, "torch.compile the model (ignored below CUDA capability 7.0).")
     seed: int = _opt(1337, "Seed for initialisation and batch sampling.")
@@ -179,15 +181,19 @@ def _describe_type(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if _is_optional(tp):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        inner = _non_null(tp)
         return f"{_describe_type(inner)} or null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
+def _non_null(tp: Any) -> Any:
+    return next(a for a in typing.get_args(tp) if a is not type(None))
+
+
 def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
-        tp
-    )
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(tp)
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -195,7 +201,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if _is_optional(tp):
         if value is None:
             return None
-        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        tp = _non_null(tp)
     if tp is float and isinstance(value, str):
         value = _parse_float(value)
     ok = (
@@ -285,7 +291,9 @@ def from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise FraglmError(f"unknown config section '{section}'" + _closest(section, list(SECTIONS)))
+            raise FraglmError(
+                f"unknown config section '{section}'" + _closest(section, list(SECTIONS))
+            )
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -307,7 +315,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise FraglmError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+            raise FraglmError(
+                f"override '{item}': value is not valid YAML ({exc.problem})"
+            ) from None
         merged.setdefault(section, {})[key] = value
     return merged
 
@@ -339,7 +349,12 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             default = yaml.safe_dump(f.default, default_flow_style=True).strip()
             default = default.removesuffix("...").strip()
-            cells = [f"`{f.name}`", _describe_type(hints[f.name]), f"`{default}`", f.metadata["help"]]
+            cells = [
+                f"`{f.name}`",
+                _describe_type(hints[f.name]),
+                f"`{default}`",
+                f.metadata["help"],
+            ]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from fraglm.config import END, Config, DataConfig
-from fraglm.errors import FraglmError
+from fraglm.errors import FraglmError, first_line
 from fraglm.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 
 FORMAT_VERSION = 1
@@ -103,7 +103,7 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
                 LOCAL_BUILDERS[suffix], data_files=str(path), split="train"
             )
         except Exception as exc:
-            raise FraglmError(f"corpus {path} could not be read: {_first_line(exc)}") from None
+            raise FraglmError(f"corpus {path} could not be read: {first_line(exc)}") from None
     else:
         if datasets.config.HF_HUB_OFFLINE:
             raise FraglmError(
@@ -115,7 +115,7 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
         except Exception as exc:
             raise FraglmError(
                 f"hub dataset '{cfg.path}' (split '{cfg.split}') could not be loaded: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from None
     if cfg.max_records is not None:
         ds = ds.select(range(min(cfg.max_records, len(ds))))
@@ -123,10 +123,6 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
         raise FraglmError(f"corpus {cfg.path} has no records")
     return ds
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _column(ds: datasets.Dataset, name: str, source: str) -> list[Any]:

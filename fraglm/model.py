@@ -1,0 +1,249 @@
+"""Decoder-only transformer with a preallocated KV cache.
+
+Two architectures share one code path (``model.arch``):
+
+- ``modern`` (default): RoPE, RMSNorm, SwiGLU MLP, no biases, tied input/output embeddings.
+  Weight layout matches Llama (rotate-half RoPE), so export to Hugging Face is a rename.
+- ``seed``: the original FragmentStream experiment, GPT-2 style: learned positions,
+  LayerNorm, 4x GELU MLP, biases, untied output head.
+
+Attention goes through :func:`fraglm.attention.attention`, so the backend (fragment, sdpa,
+naive) is a config switch and the model holds no attention math of its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fraglm.attention import attention
+from fraglm.config import ModelConfig
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    return cfg.mlp_hidden if cfg.mlp_hidden is not None else 4 * cfg.d_model
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions.
+
+    ``length`` positions are filled; a forward pass with a cache appends its tokens and
+    attends to everything cached, so each generated token costs one position.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_len: int | None = None,
+    ) -> None:
+        self.max_len = max_len or cfg.context_length
+        shape = (cfg.n_layers, batch_size, kv_heads(cfg), self.max_len, cfg.d_model // cfg.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's ``k``, ``v`` for ``layer``; return all cached keys and values."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (the Llama convention); tables grow on demand."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv_heads = cfg.n_heads, kv_heads(cfg)
+        self.head_dim = cfg.d_model // cfg.n_heads
+        bias = cfg.arch == "seed"
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        doc_ids: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [
+                self.n_heads * self.head_dim,
+                self.n_kv_heads * self.head_dim,
+                self.n_kv_heads * self.head_dim,
+            ],
+            dim=-1,
+        )
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)
+        y = attention(
+            q,
+            k,
+            v,
+            backend=self.cfg.attention,
+            causal=True,
+            fragment_size=self.cfg.fragment_size,
+            doc_ids=doc_ids,
+        )
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.dropout(self.out(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU (modern; gate and up projections fused) or GELU (seed)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.gated = cfg.arch == "modern"
+        self.up = nn.Linear(cfg.d_model, 2 * hidden if self.gated else hidden, bias=not self.gated)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=not self.gated)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.down(h))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "modern":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = _norm(cfg), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = _norm(cfg), MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        doc_ids: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, doc_ids, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_embed = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.arch == "seed" else None
+        )
+        self.rope = (
+            RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.rope_theta)
+            if cfg.arch == "modern"
+            else None
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = _norm(cfg)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=cfg.arch == "seed")
+        if cfg.arch == "modern":
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, std=residual_std)
+            nn.init.normal_(block.mlp.down.weight, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T).
+
+        With a ``cache``, ``idx`` continues the cached sequence: positions start at
+        ``cache.length`` and the cache advances by T.
+        """
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        x = self.embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            if positions[-1] >= self.cfg.context_length:
+                raise ValueError(f"position {int(positions[-1])} is past the learned positions")
+            x = x + self.pos_embed(positions)
+        else:
+            rope = self.rope(positions)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, rope, doc_ids, cache)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        return self.head(self.norm(x))
