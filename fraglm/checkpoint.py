@@ -33,7 +33,7 @@ WEIGHTS_FILE, STATE_FILE = "model.safetensors", "state.pt"
 POINTERS = ("latest", "best")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
         fh.write(text)
@@ -45,8 +45,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def write_run_files(run_dir: Path, cfg: Config, tokenizer_path: Path) -> None:
     """The resolved config and the tokenizer, so the run directory stands on its own."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
-    _write_text_atomic(run_dir / TOKENIZER_FILE, tokenizer_path.read_text(encoding="utf-8"))
+    write_text_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
+    write_text_atomic(run_dir / TOKENIZER_FILE, tokenizer_path.read_text(encoding="utf-8"))
 
 
 def save_checkpoint(
@@ -61,18 +61,17 @@ def save_checkpoint(
     """Write weights and training state for ``step`` and point ``pointers`` at them."""
     name = f"step-{step:07d}"
     final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if not final.is_dir():  # a complete directory of the same step is never rewritten
+        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        tmp.rename(final)
     record = {"dir": name, "step": step, **(info or {})}
     for pointer in pointers:
-        _write_text_atomic(run_dir / f"{pointer}.json", json.dumps(record) + "\n")
+        write_text_atomic(run_dir / f"{pointer}.json", json.dumps(record) + "\n")
     _remove_unreferenced(run_dir)
     return final
 

@@ -50,6 +50,34 @@ def tokenize(config: ConfigOption = None, set_: SetOption = None) -> None:
     typer.echo(summary.describe())
 
 
+@app.command()
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in train.out_dir from its latest checkpoint."
+        ),
+    ] = False,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Stop after this many steps in this invocation (checkpointed; continue with --resume).",
+        ),
+    ] = None,
+) -> None:
+    """Train the model (tokenizing first when the token shards are missing or stale)."""
+    from fraglm.train import train as run_train
+
+    result = run_train(_load(config, set_), resume=resume, max_new_steps=steps)
+    best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    typer.echo(f"trained to step {result.steps}: train loss {result.final_train_loss:.4f}{best}")
+    typer.echo(f"run directory: {result.run_dir}")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

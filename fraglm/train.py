@@ -1,0 +1,364 @@
+"""The training loop: ``fraglm train``.
+
+Deterministic by construction: initialisation from ``train.seed``, batches from
+``(train.seed, step)``, and every piece of state that changes the loss curve (weights,
+optimizer, scaler, RNG, step) in the checkpoint, so ``--resume`` continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fraglm import checkpoint as ckpt
+from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, answer_target_mask
+from fraglm.config import ANSWER, END, QUESTION, Config, TrainConfig
+from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, load_tokens
+from fraglm.device import Precision, compile_supported, resolve_device, resolve_precision
+from fraglm.errors import FraglmError
+from fraglm.model import Transformer
+from fraglm.tokenizer import special_ids, vocab_size
+from fraglm.tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_train_loss: float
+    best_val_loss: float | None
+    parameters: int
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch, precision: Precision) -> torch.Tensor:
+    """Summed cross-entropy over the batch's counted target tokens (fp32 logits)."""
+    device = batch.inputs.device
+    with precision.context(device):
+        logits = model(batch.inputs, doc_ids=batch.doc_ids)
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]),
+        batch.targets.view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    sampler: WindowSampler,
+    *,
+    n_batches: int,
+    batch_size: int,
+    precision: Precision,
+    device: torch.device,
+) -> tuple[float, int]:
+    """Mean loss per counted token over a fixed set of windows, and the token count."""
+    was_training = model.training
+    model.eval()
+    starts = sampler.eval_starts(n_batches * batch_size)
+    total, count = 0.0, 0
+    for chunk in np.array_split(starts, n_batches):
+        batch = sampler.batch(chunk, device)
+        total += float(token_loss_sum(model, batch, precision))
+        count += batch.counted_tokens
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _check_compatible(saved: Config, cfg: Config) -> None:
+    """A resumed run may change the schedule, not the model or the data it was built on."""
+    for section in ("model", "tokenizer"):
+        old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
+        for key, value in old.items():
+            if new[key] != value:
+                raise FraglmError(
+                    f"cannot resume: {section}.{key} is {value!r} in the checkpoint but "
+                    f"{new[key]!r} in the config"
+                )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        tcfg = cfg.train
+        self.run_dir = Path(tcfg.out_dir)
+        if not resume and ckpt.has_checkpoint(self.run_dir):
+            raise FraglmError(
+                f"{self.run_dir} already holds a trained run; continue it with --resume, "
+                "or choose another train.out_dir"
+            )
+        if resume and not ckpt.has_checkpoint(self.run_dir):
+            raise FraglmError(f"cannot resume: no checkpoint in {self.run_dir}")
+        if resume:
+            _check_compatible(ckpt.load_run_config(self.run_dir), cfg)
+
+        summary = ensure_tokenized(cfg, progress=cfg.logging.progress)
+        if summary is not None:
+            print(f"tokenized {cfg.data.path}: {summary.describe()}")
+        data_dir = Path(cfg.data.tokenized_dir)
+        tokenizer = load_run_tokenizer(data_dir)
+        ids = special_ids(tokenizer)
+        self.vocab_size = vocab_size(tokenizer)
+        self.device = resolve_device(tcfg.device)
+        self.precision = resolve_precision(tcfg.precision, self.device)
+
+        context = cfg.model.context_length
+        train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+        if len(train_tokens) < context + 2:
+            raise FraglmError(
+                f"training split has {len(train_tokens)} tokens; model.context_length = {context} "
+                "needs more (use a larger corpus or a shorter context)"
+            )
+
+        def sampler(tokens: np.ndarray) -> WindowSampler:
+            mask = None
+            if tcfg.loss_on == "answer":
+                mask = answer_target_mask(tokens, ids[QUESTION], ids[ANSWER], ids[END])
+            return WindowSampler(
+                tokens, context, end_id=ids[END], doc_mask=tcfg.doc_mask, target_mask=mask
+            )
+
+        self.train_sampler = sampler(train_tokens)
+        self.val_sampler = sampler(val_tokens) if len(val_tokens) >= context + 2 else None
+        if self.val_sampler is None:
+            print(f"note: validation split too short for context {context}; no evaluation")
+
+        torch.manual_seed(tcfg.seed)
+        self.model = Transformer(cfg.model, self.vocab_size).to(self.device)
+        self.forward_model: torch.nn.Module = self.model
+        if tcfg.compile:
+            if compile_supported(self.device):
+                self.forward_model = torch.compile(self.model)
+            else:
+                print("note: torch.compile needs CUDA capability 7.0+; training uncompiled")
+        self.optimizer = build_optimizer(self.model, tcfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        self.step = 0
+        self.best_val: float | None = None
+        if resume:
+            self._load_latest()
+        else:
+            ckpt.write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
+        self.tracker = Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
+
+    def _load_latest(self) -> None:
+        path = ckpt.checkpoint_dir(self.run_dir, "latest")
+        ckpt.load_weights(self.model, path)
+        state = ckpt.load_state(path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"], self.device)
+            self.step = int(state["step"])
+            self.best_val = state.get("best_val")
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise FraglmError(f"checkpoint state in {path} is incompatible: {exc}") from None
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.device),
+            "step": self.step,
+            "best_val": self.best_val,
+        }
+
+    def save(self, *, best: bool = False) -> None:
+        pointers = ("latest", "best") if best else ("latest",)
+        info = {"val_loss": self.best_val} if best else {}
+        ckpt.save_checkpoint(
+            self.run_dir, self.model, self._state(), step=self.step, pointers=pointers, info=info
+        )
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns its mean token loss."""
+        tcfg = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, tcfg)
+        starts = self.train_sampler.step_starts(tcfg.seed, self.step, tcfg.batch_size)
+        micro_batches = [
+            self.train_sampler.batch(s, self.device)
+            for s in np.array_split(starts, tcfg.grad_accum)
+        ]
+        counted = sum(b.counted_tokens for b in micro_batches)
+        total = 0.0
+        for batch in micro_batches:
+            loss = token_loss_sum(self.forward_model, batch, self.precision) / max(counted, 1)
+            self.scaler.scale(loss).backward()
+            total += float(loss)
+        if not math.isfinite(total) and not self.scaler.is_enabled():
+            raise FraglmError(
+                f"loss became non-finite at step {self.step}; the last good checkpoint in "
+                f"{self.run_dir} is kept (try a lower train.lr)"
+            )
+        if tcfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def evaluate(self) -> float | None:
+        if self.val_sampler is None:
+            return None
+        tcfg = self.cfg.train
+        loss, _ = evaluate(
+            self.model,
+            self.val_sampler,
+            n_batches=tcfg.eval_batches,
+            batch_size=tcfg.batch_size // tcfg.grad_accum,
+            precision=self.precision,
+            device=self.device,
+        )
+        return loss
+
+    def run(self, *, max_new_steps: int | None = None) -> TrainResult:
+        """Train to ``train.max_steps`` (or ``max_new_steps`` more).
+
+        Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+        """
+        tcfg = self.cfg.train
+        end = tcfg.max_steps
+        if max_new_steps is not None:
+            end = min(end, self.step + max_new_steps)
+        bar = tqdm(
+            total=tcfg.max_steps,
+            initial=self.step,
+            disable=not self.cfg.logging.progress,
+            desc="train",
+        )
+        loss = float("nan")
+        try:
+            with _deferred_interrupt() as interrupted:
+                self._meter = (time.perf_counter(), self.step)
+                while self.step < end and not interrupted():
+                    loss = self.train_step()
+                    self._after_step(loss, end, bar)
+                if interrupted():
+                    self.save()
+                    bar.write(
+                        f"interrupted at step {self.step}: checkpoint saved; continue with --resume"
+                    )
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            self.tracker.close()
+        return TrainResult(
+            self.run_dir, self.step, loss, self.best_val, self.model.num_parameters()
+        )
+
+    def _after_step(self, loss: float, end: int, bar: tqdm) -> None:
+        """Log, evaluate and checkpoint on their intervals."""
+        tcfg, step = self.cfg.train, self.step
+        tokens = step * tcfg.batch_size * self.cfg.model.context_length
+        bar.update(1)
+        if step % self.cfg.logging.log_interval == 0 or step == end:
+            now = time.perf_counter()
+            since, since_step = self._meter
+            tokens_per_s = (step - since_step) * tcfg.batch_size * self.cfg.model.context_length
+            tokens_per_s /= max(now - since, 1e-9)
+            self._meter = (now, step)
+            lr = lr_at(step - 1, tcfg)
+            self.tracker.log(
+                {
+                    "step": step,
+                    "tokens": tokens,
+                    "train_loss": loss,
+                    "lr": lr,
+                    "tokens_per_s": round(tokens_per_s, 1),
+                }
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        is_best = False
+        if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+            val = self.evaluate()
+            if val is not None:
+                ppl = math.exp(min(val, 50.0))
+                self.tracker.log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
+                bar.write(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+                if self.best_val is None or val < self.best_val:
+                    self.best_val, is_best = val, True
+        if is_best or step % tcfg.save_interval == 0 or step == end:
+            self.save(best=is_best)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag checked between steps; a second one stops at once."""
+    pressed = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(cfg: Config, *, resume: bool = False, max_new_steps: int | None = None) -> TrainResult:
+    trainer = Trainer(cfg, resume=resume)
+    print(
+        f"model: {trainer.model.num_parameters():,} parameters ({cfg.model.arch}, "
+        f"{cfg.model.attention} attention) on {trainer.device} in {trainer.precision.name}"
+    )
+    return trainer.run(max_new_steps=max_new_steps)
