@@ -65,7 +65,7 @@ def train(
         typer.Option(
             "--steps",
             min=1,
-            help="Stop after this many steps in this invocation (checkpointed; continue with --resume).",
+            help="Stop after this many steps in this run (checkpointed; continue with --resume).",
         ),
     ] = None,
 ) -> None:
