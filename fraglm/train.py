@@ -235,7 +235,7 @@ class Trainer:
         for batch in micro_batches:
             loss = token_loss_sum(self.forward_model, batch, self.precision) / max(counted, 1)
             self.scaler.scale(loss).backward()
-            total += float(loss)
+            total += float(loss.detach())
         if not math.isfinite(total) and not self.scaler.is_enabled():
             raise FraglmError(
                 f"loss became non-finite at step {self.step}; the last good checkpoint in "
