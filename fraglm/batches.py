@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fraglm.config import ANSWER, END, QUESTION, Config
+
 IGNORE_INDEX = -100
 
 
@@ -44,6 +46,20 @@ def document_ids(inputs: torch.Tensor, end_id: int) -> torch.Tensor:
     """Per-token document index within each window; ``<|END|>`` closes its own document."""
     ends = (inputs == end_id).to(torch.int32)
     return torch.cumsum(ends, dim=1) - ends
+
+
+def make_sampler(tokens: np.ndarray, cfg: Config, ids: dict[str, int]) -> WindowSampler:
+    """The sampler the trainer uses for ``tokens``: loss mask and document mask from ``cfg``."""
+    mask = None
+    if cfg.train.loss_on == "answer":
+        mask = answer_target_mask(tokens, ids[QUESTION], ids[ANSWER], ids[END])
+    return WindowSampler(
+        tokens,
+        cfg.model.context_length,
+        end_id=ids[END],
+        doc_mask=cfg.train.doc_mask,
+        target_mask=mask,
+    )
 
 
 class WindowSampler:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fraglm.config import Config, load_config, reference_markdown
+from fraglm.config import Config, SampleConfig, from_dict, load_config, reference_markdown
 from fraglm.errors import FraglmError
 
 app = typer.Typer(
@@ -76,6 +78,194 @@ def train(
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     typer.echo(f"trained to step {result.steps}: train loss {result.final_train_loss:.4f}{best}")
     typer.echo(f"run directory: {result.run_dir}")
+
+
+RunOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run", "-r", help="Run directory or name under checkpoints/ (default: most recent)."
+    ),
+]
+CheckpointOption = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint: best (lowest val loss) or latest.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+
+
+def _sample_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(SampleConfig) if f.name == name)
+
+
+Temperature = Annotated[float | None, typer.Option(help=_sample_help("temperature"))]
+TopK = Annotated[int | None, typer.Option(help=_sample_help("top_k"))]
+TopP = Annotated[float | None, typer.Option(help=_sample_help("top_p"))]
+RepetitionPenalty = Annotated[float | None, typer.Option(help=_sample_help("repetition_penalty"))]
+MaxNewTokens = Annotated[int | None, typer.Option(help=_sample_help("max_new_tokens"))]
+Seed = Annotated[int | None, typer.Option(help=_sample_help("seed"))]
+Stop = Annotated[str | None, typer.Option(help=_sample_help("stop"))]
+Raw = Annotated[bool, typer.Option("--raw", help="Use the prompt as is, without the Q&A template.")]
+
+
+def _sampling(run_cfg: Config, **given: object) -> SampleConfig:
+    """The run's sample settings with the command-line values on top, validated."""
+    merged = {
+        **dataclasses.asdict(run_cfg.sample),
+        **{k: v for k, v in given.items() if v is not None},
+    }
+    return from_dict({"sample": merged}).sample
+
+
+def _checkpoint_choice(which: str) -> str:
+    if which not in ("best", "latest"):
+        raise FraglmError(f"--checkpoint must be best or latest, not {which!r}")
+    return which
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    max_new_tokens: MaxNewTokens = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Answers to sample per prompt.")] = 1,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="One prompt a line; writes JSON lines to stdout.")
+    ] = None,
+    raw: Raw = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Answer PROMPT with a trained model, streaming the text as it is produced."""
+    from fraglm.generate import Generator, make_rng, prompt_text, stop_ids_for, stream_text
+    from fraglm.run import load_run
+
+    if (prompt is None) == (prompts_file is None):
+        raise FraglmError("give either a PROMPT or --prompts-file")
+    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
+    loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
+    params = _sampling(
+        loaded.cfg,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop=stop,
+    )
+    for text in prompts:
+        prompt_text(text, raw=raw)
+    generator = Generator(loaded.model, params, stop_ids_for(loaded.tokenizer, params.stop))
+    rng = make_rng(params.seed)
+    for text in prompts:
+        for index in range(num_samples):
+            pieces = stream_text(
+                generator, loaded.tokenizer, prompt_text(text, raw=raw), rng, stop=params.stop
+            )
+            if prompts_file is None:
+                if num_samples > 1:
+                    typer.echo(f"--- sample {index + 1}")
+                for piece in pieces:
+                    typer.echo(piece, nl=False)
+                typer.echo()
+            else:
+                answer = "".join(pieces)
+                typer.echo(
+                    json.dumps(
+                        {"prompt": text, "sample": index, "answer": answer}, ensure_ascii=False
+                    )
+                )
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FraglmError(f"prompts file not found: {path}")
+    prompts = [
+        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if not prompts:
+        raise FraglmError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+@app.command()
+def chat(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    max_new_tokens: MaxNewTokens = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    raw: Raw = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Ask questions one line at a time; an empty line is skipped, Ctrl-D or Ctrl-C ends."""
+    from fraglm.generate import Generator, make_rng, prompt_text, stop_ids_for, stream_text
+    from fraglm.run import load_run
+
+    loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
+    params = _sampling(
+        loaded.cfg,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop=stop,
+    )
+    generator = Generator(loaded.model, params, stop_ids_for(loaded.tokenizer, params.stop))
+    rng = make_rng(params.seed)
+    interactive = sys.stdin.isatty()
+    typer.echo(f"fraglm chat: {loaded.run_dir} (step {loaded.step}); Ctrl-D to quit", err=True)
+    try:
+        while True:
+            if interactive:
+                typer.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            for piece in stream_text(
+                generator,
+                loaded.tokenizer,
+                prompt_text(line.strip(), raw=raw),
+                rng,
+                stop=params.stop,
+            ):
+                typer.echo(piece, nl=False)
+            typer.echo()
+    except KeyboardInterrupt:
+        typer.echo()
+
+
+@app.command("eval")
+def eval_(
+    run: RunOption = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Corpus file to evaluate on (default: the run's validation split)."),
+    ] = None,
+    checkpoint: CheckpointOption = "best",
+    device: DeviceOption = "auto",
+) -> None:
+    """Validation loss, perplexity and token count of a trained run."""
+    from fraglm.evaluation import evaluate_run
+
+    result = evaluate_run(run, data=data, which=_checkpoint_choice(checkpoint), device=device)
+    typer.echo(
+        f"{result.source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+        f"{result.tokens:,} tokens"
+    )
 
 
 @config_app.command("show")

@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fraglm import checkpoint as ckpt
-from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, answer_target_mask
-from fraglm.config import ANSWER, END, QUESTION, Config, TrainConfig
+from fraglm.batches import make_sampler
+from fraglm.config import Config, TrainConfig
 from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, load_tokens
-from fraglm.device import Precision, compile_supported, resolve_device, resolve_precision
+from fraglm.device import compile_supported, resolve_device, resolve_precision
 from fraglm.errors import FraglmError
+from fraglm.evaluation import evaluate, token_loss_sum
 from fraglm.model import Transformer
 from fraglm.tokenizer import special_ids, vocab_size
 from fraglm.tracking import Tracker
@@ -64,42 +64,6 @@ def build_optimizer(
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
     )
-
-
-def token_loss_sum(model: torch.nn.Module, batch: Batch, precision: Precision) -> torch.Tensor:
-    """Summed cross-entropy over the batch's counted target tokens (fp32 logits)."""
-    device = batch.inputs.device
-    with precision.context(device):
-        logits = model(batch.inputs, doc_ids=batch.doc_ids)
-    return F.cross_entropy(
-        logits.float().view(-1, logits.shape[-1]),
-        batch.targets.view(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    sampler: WindowSampler,
-    *,
-    n_batches: int,
-    batch_size: int,
-    precision: Precision,
-    device: torch.device,
-) -> tuple[float, int]:
-    """Mean loss per counted token over a fixed set of windows, and the token count."""
-    was_training = model.training
-    model.eval()
-    starts = sampler.eval_starts(n_batches * batch_size)
-    total, count = 0.0, 0
-    for chunk in np.array_split(starts, n_batches):
-        batch = sampler.batch(chunk, device)
-        total += float(token_loss_sum(model, batch, precision))
-        count += batch.counted_tokens
-    model.train(was_training)
-    return total / max(count, 1), count
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -160,16 +124,10 @@ class Trainer:
                 "needs more (use a larger corpus or a shorter context)"
             )
 
-        def sampler(tokens: np.ndarray) -> WindowSampler:
-            mask = None
-            if tcfg.loss_on == "answer":
-                mask = answer_target_mask(tokens, ids[QUESTION], ids[ANSWER], ids[END])
-            return WindowSampler(
-                tokens, context, end_id=ids[END], doc_mask=tcfg.doc_mask, target_mask=mask
-            )
-
-        self.train_sampler = sampler(train_tokens)
-        self.val_sampler = sampler(val_tokens) if len(val_tokens) >= context + 2 else None
+        self.train_sampler = make_sampler(train_tokens, cfg, ids)
+        self.val_sampler = (
+            make_sampler(val_tokens, cfg, ids) if len(val_tokens) >= context + 2 else None
+        )
         if self.val_sampler is None:
             print(f"note: validation split too short for context {context}; no evaluation")
 
@@ -254,11 +212,12 @@ class Trainer:
         if self.val_sampler is None:
             return None
         tcfg = self.cfg.train
+        micro_batch = tcfg.batch_size // tcfg.grad_accum
         loss, _ = evaluate(
             self.model,
             self.val_sampler,
-            n_batches=tcfg.eval_batches,
-            batch_size=tcfg.batch_size // tcfg.grad_accum,
+            self.val_sampler.eval_starts(tcfg.eval_batches * micro_batch),
+            batch_size=micro_batch,
             precision=self.precision,
             device=self.device,
         )

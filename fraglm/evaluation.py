@@ -1,0 +1,103 @@
+"""Loss on held-out text: the trainer's periodic evaluation and ``fraglm eval``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, make_sampler
+from fraglm.data import load_records, load_tokens, make_documents
+from fraglm.device import Precision, resolve_precision
+from fraglm.errors import FraglmError
+from fraglm.run import load_run
+from fraglm.tokenizer import special_ids
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch, precision: Precision) -> torch.Tensor:
+    """Summed cross-entropy over the batch's counted target tokens (fp32 logits)."""
+    with precision.context(batch.inputs.device):
+        logits = model(batch.inputs, doc_ids=batch.doc_ids)
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]),
+        batch.targets.view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    sampler: WindowSampler,
+    starts: np.ndarray,
+    *,
+    batch_size: int,
+    precision: Precision,
+    device: torch.device,
+) -> tuple[float, int]:
+    """Mean loss per counted token over the windows at ``starts``, and the token count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / batch_size))):
+        batch = sampler.batch(chunk, device)
+        total += float(token_loss_sum(model, batch, precision))
+        count += batch.counted_tokens
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    tokens: int
+    source: str
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+def evaluate_run(
+    run: str | Path | None, *, data: str | None = None, which: str = "best", device: str = "auto"
+) -> EvalResult:
+    """Validation loss of a run: on its own validation split (the same windows the trainer
+    evaluates), or on every window of another corpus file encoded with the run's tokenizer."""
+    loaded = load_run(run, which=which, device=device)
+    cfg, context = loaded.cfg, loaded.cfg.model.context_length
+    ids = special_ids(loaded.tokenizer)
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    if data is None:
+        tokens = load_tokens(cfg.data.tokenized_dir, "val")
+        source = f"{cfg.data.tokenized_dir}/val.bin"
+    else:
+        documents = make_documents(
+            load_records(replace(cfg.data, path=data, max_records=None)), cfg.data
+        )
+        encoded = loaded.tokenizer.encode_batch(documents)
+        tokens = np.fromiter((i for e in encoded for i in e.ids), dtype=np.int64)
+        source = data
+    if len(tokens) < context + 2:
+        raise FraglmError(
+            f"{source} has {len(tokens)} tokens; evaluation needs at least {context + 2}"
+        )
+    sampler = make_sampler(tokens, cfg, ids)
+    if data is None:
+        starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
+    else:
+        starts = np.arange(0, sampler.max_start + 1, context)
+    precision = resolve_precision(cfg.train.precision, loaded.device)
+    loss, count = evaluate(
+        loaded.model,
+        sampler,
+        starts,
+        batch_size=micro_batch,
+        precision=precision,
+        device=loaded.device,
+    )
+    return EvalResult(loss, count, source)
