@@ -120,9 +120,10 @@ class Generator:
 
 
 def stop_ids_for(tokenizer: Tokenizer, stop: str) -> frozenset[int]:
-    """The ids that end generation: the stop text when it is one token."""
-    token_id = tokenizer.token_to_id(stop)
-    return frozenset() if token_id is None else frozenset({token_id})
+    """The ids that end generation: the stop text when it is one token, and ``<|Q|>``
+    (a model that starts a new question has finished its answer)."""
+    candidates = (tokenizer.token_to_id(stop), tokenizer.token_to_id(QUESTION))
+    return frozenset(i for i in candidates if i is not None)
 
 
 def stream_text(
@@ -133,10 +134,11 @@ def stream_text(
     *,
     stop: str,
 ) -> Iterator[str]:
-    """Decoded answer text as it is produced; ends at ``stop`` (which is not printed)."""
+    """Decoded answer text as it is produced, special tokens left out; ends at ``stop``
+    (which is not printed)."""
     ids = generator.stream(tokenizer.encode(prompt).ids, rng)
     held = ""
-    for piece in decode_stream(tokenizer, ids):
+    for piece in decode_stream(tokenizer, ids, skip_special_tokens=True):
         held += piece
         if stop and stop in held:
             yield held[: held.index(stop)]

@@ -72,9 +72,11 @@ def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def decode_stream(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+def decode_stream(
+    tokenizer: Tokenizer, ids: Iterable[int], *, skip_special_tokens: bool = False
+) -> Iterator[str]:
     """Yield text pieces as ``ids`` arrive; a multi-byte character appears once complete."""
-    stream = DecodeStream(skip_special_tokens=False)
+    stream = DecodeStream(skip_special_tokens=skip_special_tokens)
     for token_id in ids:
         piece = stream.step(tokenizer, token_id)
         if piece:
