@@ -1,0 +1,488 @@
+"""FragmentStream attention: exact blockwise attention in O(T) memory.
+
+Queries and keys are cut into fragments of ``fragment_size`` tokens. A tile is
+one query fragment against one key fragment; its score matrix is the only
+quadratic-looking object ever built, so the largest temporaries hold
+``B * H * F * F`` elements and no ``T x T`` matrix exists, in the forward or in
+the backward pass.
+
+How it runs (and why):
+
+* Forward, per query fragment: online softmax over its visible key fragments
+  (running max ``m``, sum ``l`` and accumulator ``A``), ``O = A / l`` and
+  ``LSE = m + log l``. Processing a whole query fragment against all its
+  visible keys at once would need ``F x T`` temporaries; measured on a 2-core
+  CPU, square tiles that stay in cache were faster as well as smaller.
+* Backward, per key fragment: recompute ``P = exp(S - LSE)`` for each visible
+  query fragment and accumulate ``dV^T``/``dK^T`` of that key fragment in small
+  contiguous fp32 buffers (``dO^T P`` and ``Q^T dS`` are cheaper matmuls than
+  ``P^T dO`` and ``dS^T Q``) while ``dQ`` is accumulated in place. Only ``Q, K,
+  V, O`` and the per-row LSE are saved by the forward.
+* Scores are kept in base 2 (``scale * log2(e)`` folded into the query, then
+  ``exp2``), because ``torch.exp2`` is several times faster than ``torch.exp``
+  on CPU; LSEs are converted back to natural logs at the boundary.
+  ``S - LSE`` and ``dP - D`` are fused into the matmuls through ``baddbmm``.
+* Grouped-query attention costs no K/V copies: ``q`` is folded from
+  ``(B, H, T, D)`` to ``(B * Hkv, T * group, D)`` (row ``t * group + g``), so a
+  query fragment of all heads of a group is one contiguous matmul operand and
+  ``dK``/``dV`` sums over the group fall out of the matmuls.
+* Tiles are planned before any arithmetic: causal tiles wholly in the future are
+  never computed, only tiles crossing the diagonal are masked, and with
+  document ids a tile is skipped when the id ranges of its query and key
+  fragments do not overlap and left unmasked when both hold one and the same
+  document.
+* Statistics and accumulators are fp32 for fp16/bf16 inputs (fp64 for fp64);
+  the public function returns the input dtype.
+
+Document ids: ``doc_ids`` (B, Tk) integers; a token attends only to tokens of its
+own document (and causally, when causal). A negative id marks padding: such a
+token attends to nothing and nothing attends to it. A row that sees no key gets
+output 0, LSE ``-inf`` and zero gradients.
+
+The block routines :func:`fragment_forward`, :func:`fragment_backward` and
+:func:`merge` are public so that ring attention can combine partial results
+over key blocks held by other ranks; :class:`FragmentAttention` is built on the
+same routines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FragmentAttention",
+    "fragment_attention",
+    "fragment_backward",
+    "fragment_forward",
+    "merge",
+]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """One query fragment x key fragment pair that has at least one visible pair."""
+
+    qf: int  # query fragment index
+    kf: int  # key fragment index
+    causal_mask: bool  # tile crosses the causal diagonal
+    doc_mask: bool  # tile needs the document mask
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fragment_doc_ranges(doc: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per fragment and batch row: min and max non-padding doc id, and 'has padding'."""
+    batch, length = doc.shape
+    n = -(-length // size)
+    padded = doc.new_full((batch, n * size), -1)
+    padded[:, :length] = doc
+    padded = padded.view(batch, n, size)
+    pad = padded < 0
+    big = torch.iinfo(padded.dtype).max
+    lo = padded.masked_fill(pad, big).amin(-1)
+    hi = padded.masked_fill(pad, -1).amax(-1)
+    return lo, hi, pad.any(-1)
+
+
+def _plan(
+    n_q: int,
+    n_k: int,
+    size: int,
+    *,
+    causal: bool,
+    q_start: int,
+    k_start: int,
+    q_doc: Tensor | None,
+    k_doc: Tensor | None,
+) -> list[_Tile]:
+    """List the tiles with at least one possibly visible pair, in query-major order."""
+    meet = [[True] * -(-n_k // size) for _ in range(-(-n_q // size))]
+    same = [[True] * len(meet[0]) for _ in meet]
+    if q_doc is not None and k_doc is not None:
+        q_lo, q_hi, q_pad = _fragment_doc_ranges(q_doc, size)
+        k_lo, k_hi, k_pad = _fragment_doc_ranges(k_doc, size)
+        meet = (
+            ((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None]))
+            .any(0)
+            .tolist()
+        )
+        single_q = (q_lo == q_hi) & ~q_pad
+        single_k = (k_lo == k_hi) & ~k_pad
+        same = (
+            (single_q[:, :, None] & single_k[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :]))
+            .all(0)
+            .tolist()
+        )
+    tiles = []
+    for i, row in enumerate(meet):
+        first_q = q_start + i * size
+        last_q = q_start + min((i + 1) * size, n_q) - 1
+        for j, visible in enumerate(row):
+            first_k = k_start + j * size
+            last_k = k_start + min((j + 1) * size, n_k) - 1
+            if not visible or (causal and first_k > last_q):
+                continue
+            tiles.append(_Tile(i, j, causal and last_k > first_q, not same[i][j]))
+    return tiles
+
+
+class _Masks:
+    """Builds (and caches) the boolean 'hidden' mask of a tile in folded-row layout."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        group: int,
+        q_start: int,
+        k_start: int,
+        n_q: int,
+        n_k: int,
+        q_doc: Tensor | None,
+        k_doc: Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.size, self.group, self.n_q, self.n_k = size, group, n_q, n_k
+        self.q_start, self.k_start, self.device = q_start, k_start, device
+        self.q_doc = None if q_doc is None else q_doc.repeat_interleave(group, dim=1)
+        self.k_doc = k_doc
+        self._causal: dict[tuple[int, int, int], Tensor] = {}
+
+    def _causal_mask(self, qf: int, kf: int) -> Tensor:
+        rows = min(self.size, self.n_q - qf * self.size)
+        cols = min(self.size, self.n_k - kf * self.size)
+        offset = (self.q_start + qf * self.size) - (self.k_start + kf * self.size)
+        key = (offset, rows, cols)
+        if key not in self._causal:
+            q_pos = torch.arange(rows, device=self.device).repeat_interleave(self.group) + offset
+            k_pos = torch.arange(cols, device=self.device)
+            self._causal[key] = k_pos[None, :] > q_pos[:, None]
+        return self._causal[key]
+
+    def __call__(self, tile: _Tile) -> Tensor:
+        """Mask of shape (rows, cols) or, with documents, (B, 1, rows, cols)."""
+        mask = self._causal_mask(tile.qf, tile.kf) if tile.causal_mask else None
+        if not tile.doc_mask:
+            assert mask is not None
+            return mask
+        assert self.q_doc is not None and self.k_doc is not None
+        rows = slice(tile.qf * self.size * self.group, (tile.qf + 1) * self.size * self.group)
+        qd = self.q_doc[:, rows, None]
+        kd = self.k_doc[:, None, tile.kf * self.size : (tile.kf + 1) * self.size]
+        doc = (qd != kd) | (qd < 0)
+        if mask is not None:
+            doc |= mask
+        return doc[:, None]
+
+
+def _masked_fill(scores: Tensor, mask: Tensor, batch: int) -> None:
+    """Set hidden scores to -inf in place; scores are (B * Hkv, rows, cols)."""
+    if mask.dim() == 2:
+        scores.masked_fill_(mask, -math.inf)
+    else:
+        scores.view(batch, -1, *scores.shape[1:]).masked_fill_(mask, -math.inf)
+
+
+def _fold(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, T, ...) -> (B * Hkv, T * group, ...), row t * group + g; a view if group == 1."""
+    b, h, t = x.shape[:3]
+    group = h // kv_heads
+    x = x.reshape(b, kv_heads, group, t, *x.shape[3:]).transpose(2, 3)
+    return x.reshape(b * kv_heads, t * group, *x.shape[4:])
+
+
+def _unfold(x: Tensor, batch: int, heads: int) -> Tensor:
+    """Inverse of :func:`_fold`."""
+    bk, tg = x.shape[:2]
+    kv_heads = bk // batch
+    group = heads // kv_heads
+    x = x.reshape(batch, kv_heads, tg // group, group, *x.shape[2:]).transpose(2, 3)
+    return x.reshape(batch, heads, tg // group, *x.shape[4:])
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B,H,Tq,D), k = v (B,Hkv,Tk,D); got {q.shape}, {k.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k/v {tuple(k.shape)}")
+
+
+def fragment_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    fragment_size: int = 128,
+    q_start: int = 0,
+    k_start: int = 0,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of a query block over one key block: ``(out, lse)``, both in fp32 (fp64).
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D). ``q_start``/``k_start`` are the absolute
+    positions of the first query and key (key visible iff its position is <= the
+    query's, when causal). ``q_doc`` (B, Tq) and ``k_doc`` (B, Tk) are document
+    ids (negative = padding), both or neither. ``lse`` (B, H, Tq) is the natural
+    log-sum-exp of the scaled visible scores, ``-inf`` (with ``out`` 0) for rows
+    that see nothing, so results over disjoint key blocks combine with
+    :func:`merge`.
+    """
+    _check(q, k, v)
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group, size = heads // kv_heads, fragment_size
+    acc_dtype = _accum_dtype(q.dtype)
+    q3 = _fold(q.to(acc_dtype), kv_heads)
+    k3 = k.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
+    v3 = v.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
+    k3t = k3.transpose(1, 2)
+    out = torch.zeros_like(q3)
+    lse = torch.full(q3.shape[:2], -math.inf, dtype=acc_dtype, device=q.device)
+    tiles = _plan(
+        n_q, n_k, size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc
+    )
+    masks = _Masks(
+        size=size, group=group, q_start=q_start, k_start=k_start, n_q=n_q, n_k=n_k,
+        q_doc=q_doc, k_doc=k_doc, device=q.device,
+    )  # fmt: skip
+    rows_of = size * group
+    by_query: dict[int, list[_Tile]] = {}
+    for tile in tiles:
+        by_query.setdefault(tile.qf, []).append(tile)
+    for qf, row_tiles in by_query.items():
+        rows = slice(qf * rows_of, (qf + 1) * rows_of)
+        q_frag = q3[:, rows] * (scale * LOG2E)
+        o_frag, lse2 = _forward_fragment(q_frag, k3t, v3, row_tiles, masks, batch, size)
+        out[:, rows] = o_frag
+        lse[:, rows] = lse2 * LN2
+    return _unfold(out, batch, heads), _unfold(lse, batch, heads)
+
+
+def _forward_fragment(
+    q_frag: Tensor,
+    k3t: Tensor,
+    v3: Tensor,
+    tiles: list[_Tile],
+    masks: Callable[[_Tile], Tensor],
+    batch: int,
+    size: int,
+) -> tuple[Tensor, Tensor]:
+    """Online softmax of one (scaled, base-2) query fragment over its tiles."""
+    m = acc = l_sum = None
+    for tile in tiles:
+        cols = slice(tile.kf * size, (tile.kf + 1) * size)
+        s = torch.bmm(q_frag, k3t[:, :, cols])
+        masked = tile.causal_mask or tile.doc_mask
+        if masked:
+            _masked_fill(s, masks(tile), batch)
+        m_new = s.amax(-1, keepdim=True)
+        if m is not None:
+            torch.maximum(m_new, m, out=m_new)
+        # A row with no visible key so far has max -inf; shift it by 0 instead.
+        shift = m_new.masked_fill(m_new == -math.inf, 0.0) if masked else m_new
+        s.sub_(shift).exp2_()
+        if m is None:
+            acc = torch.bmm(s, v3[:, cols])
+            l_sum = s.sum(-1, keepdim=True)
+        else:
+            alpha = (m - shift).exp2_()
+            acc.mul_(alpha).baddbmm_(s, v3[:, cols])
+            l_sum.mul_(alpha).add_(s.sum(-1, keepdim=True))
+        m = m_new
+    acc.div_(l_sum.masked_fill(l_sum == 0, 1.0))
+    return acc, (m + l_sum.log2()).squeeze(-1)
+
+
+def fragment_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    fragment_size: int = 128,
+    q_start: int = 0,
+    k_start: int = 0,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient contributions ``(dq, dk, dv)`` of one query block over one key block.
+
+    ``lse`` (B, H, Tq) is the final log-sum-exp of each query row over *all* its
+    keys and ``delta`` (B, H, Tq) is ``rowsum(dout * out)`` of the final output, so
+    contributions of disjoint key blocks simply add up. Other arguments are as in
+    :func:`fragment_forward`. Results are fp32 (fp64 for fp64 inputs); ``dk`` and
+    ``dv`` are already summed over the query heads of each group.
+    """
+    _check(q, k, v)
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group, size = heads // kv_heads, fragment_size
+    acc_dtype = _accum_dtype(q.dtype)
+    q3 = _fold(q.to(acc_dtype), kv_heads)
+    do3 = _fold(dout.to(acc_dtype), kv_heads)
+    k3 = k.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
+    v3 = v.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
+    # Base-2 LSE, negated, so that baddbmm computes S - LSE; -inf for empty rows.
+    lse3 = _fold(lse.to(acc_dtype), kv_heads).unsqueeze(-1)
+    neg_lse2 = torch.where(lse3 == -math.inf, -math.inf, lse3 * -LOG2E)
+    neg_delta = _fold(delta.to(acc_dtype), kv_heads).unsqueeze(-1).neg_()
+    dq = torch.zeros_like(q3)
+    dk = torch.zeros_like(k3)
+    dv = torch.zeros_like(v3)
+    tiles = _plan(
+        n_q, n_k, size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc
+    )
+    masks = _Masks(
+        size=size, group=group, q_start=q_start, k_start=k_start, n_q=n_q, n_k=n_k,
+        q_doc=q_doc, k_doc=k_doc, device=q.device,
+    )  # fmt: skip
+    by_key: dict[int, list[_Tile]] = {}
+    for tile in tiles:
+        by_key.setdefault(tile.kf, []).append(tile)
+    rows_of = size * group
+    frags = _QueryFragments(q3, do3, neg_lse2, neg_delta, dq, rows_of=rows_of)
+    alpha = scale * LOG2E
+    for kf, col_tiles in by_key.items():
+        cols = slice(kf * size, (kf + 1) * size)
+        k_frag, v_frag = k3[:, cols], v3[:, cols]
+        k_frag_t, v_frag_t = k_frag.transpose(1, 2), v_frag.transpose(1, 2)
+        dk_t = dv_t = None
+        for tile in col_tiles:
+            q_frag, do_frag, lse_frag, nd_frag, dq_frag = frags[tile.qf]
+            p = torch.baddbmm(lse_frag, q_frag, k_frag_t, alpha=alpha)
+            if tile.causal_mask or tile.doc_mask:
+                _masked_fill(p, masks(tile), batch)
+            p.exp2_()
+            ds = torch.baddbmm(nd_frag, do_frag, v_frag_t).mul_(p)
+            dq_frag.add_(torch.bmm(ds, k_frag))
+            if dk_t is None:
+                dv_t = torch.bmm(do_frag.transpose(1, 2), p)
+                dk_t = torch.bmm(q_frag.transpose(1, 2), ds)
+            else:
+                dv_t.baddbmm_(do_frag.transpose(1, 2), p)
+                dk_t.baddbmm_(q_frag.transpose(1, 2), ds)
+        dv[:, cols] = dv_t.transpose(1, 2)
+        torch.mul(dk_t.transpose(1, 2), scale, out=dk[:, cols])
+    dq.mul_(scale)
+    shape = (batch, kv_heads, n_k, dim)
+    return _unfold(dq, batch, heads), dk.view(shape), dv.view(shape)
+
+
+class _QueryFragments:
+    """Per query fragment views of the folded q, dout, -LSE, -delta and dq (built lazily)."""
+
+    def __init__(self, *tensors: Tensor, rows_of: int) -> None:
+        self.tensors, self.rows_of = tensors, rows_of
+        self._views: dict[int, tuple[Tensor, ...]] = {}
+
+    def __getitem__(self, qf: int) -> tuple[Tensor, ...]:
+        if qf not in self._views:
+            rows = slice(qf * self.rows_of, (qf + 1) * self.rows_of)
+            self._views[qf] = tuple(t[:, rows] for t in self.tensors)
+        return self._views[qf]
+
+
+def merge(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention results over two disjoint key sets exactly.
+
+    ``out*`` (..., T, D) and ``lse*`` (..., T) as returned by :func:`fragment_forward`.
+    Rows that saw nothing in one part (lse ``-inf``) take the other part; rows that
+    saw nothing at all stay 0 with lse ``-inf``.
+    """
+    lse = torch.logaddexp(lse1, lse2)
+    finite = lse.isfinite()
+    w1 = torch.where(finite, lse1 - lse, -math.inf).exp_().unsqueeze(-1)
+    w2 = torch.where(finite, lse2 - lse, -math.inf).exp_().unsqueeze(-1)
+    return out1 * w1 + out2 * w2, lse
+
+
+class FragmentAttention(torch.autograd.Function):
+    """Autograd wrapper: saves only q, k, v, out and lse (plus doc ids when given)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        fragment_size: int,
+        doc_ids: Tensor | None,
+        scale: float,
+    ) -> Tensor:
+        q_doc, k_doc = _split_docs(doc_ids, q.shape[2])
+        out, lse = fragment_forward(
+            q, k, v, scale=scale, causal=causal, fragment_size=fragment_size,
+            q_start=k.shape[2] - q.shape[2], q_doc=q_doc, k_doc=k_doc,
+        )  # fmt: skip
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *([] if doc_ids is None else [doc_ids]))
+        ctx.options = (causal, fragment_size, scale)
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dout: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, *docs = ctx.saved_tensors
+        causal, fragment_size, scale = ctx.options
+        q_doc, k_doc = _split_docs(docs[0] if docs else None, q.shape[2])
+        delta = torch.einsum("bhtd,bhtd->bht", dout.to(lse.dtype), out.to(lse.dtype))
+        dq, dk, dv = fragment_backward(
+            q, k, v, dout, lse, delta, scale=scale, causal=causal, fragment_size=fragment_size,
+            q_start=k.shape[2] - q.shape[2], q_doc=q_doc, k_doc=k_doc,
+        )  # fmt: skip
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _split_docs(doc_ids: Tensor | None, n_q: int) -> tuple[Tensor | None, Tensor | None]:
+    """Document ids of the queries (the last ``n_q``) and of the keys (all)."""
+    if doc_ids is None:
+        return None, None
+    return doc_ids[:, doc_ids.shape[1] - n_q :], doc_ids
+
+
+def fragment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    fragment_size: int = 128,
+    doc_ids: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D) in O(T) memory.
+
+    ``Hkv`` must divide ``H`` (grouped-query attention) and ``Tq <= Tk``: queries are
+    the last ``Tq`` positions (a KV-cached decode step). ``doc_ids`` (B, Tk) limits
+    attention to each token's document; negative ids are padding. ``scale``
+    defaults to ``1 / sqrt(D)``. Returns (B, H, Tq, D) in the dtype of ``q``.
+    """
+    _check(q, k, v)
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"Tq={q.shape[2]} must not exceed Tk={k.shape[2]}")
+    if fragment_size < 1:
+        raise ValueError(f"fragment_size must be >= 1, got {fragment_size}")
+    if doc_ids is not None and tuple(doc_ids.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"doc_ids must be (B, Tk) = {(k.shape[0], k.shape[2])}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return FragmentAttention.apply(q, k, v, causal, fragment_size, doc_ids, scale)
