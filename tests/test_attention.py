@@ -1,0 +1,282 @@
+"""FragmentStream attention: exactness against the naive reference, memory bounds, blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fraglm.attention import (
+    BACKENDS,
+    attention,
+    fragment_attention,
+    fragment_backward,
+    fragment_forward,
+    merge,
+    naive_attention,
+    sdpa_attention,
+)
+from fraglm.attention.fragment import _plan
+
+
+@dataclass(frozen=True)
+class Case:
+    heads: int = 4
+    kv_heads: int = 4
+    n_q: int = 37
+    n_k: int = 37
+    fragment: int = 16
+    causal: bool = True
+    docs: bool = False
+    batch: int = 2
+    dim: int = 8
+
+
+CASES = {
+    "T not a multiple of F": Case(),
+    "T smaller than F": Case(n_q=20, n_k=20, fragment=64),
+    "fragment 1": Case(n_q=9, n_k=9, fragment=1),
+    "not causal": Case(causal=False),
+    "Tq < Tk": Case(n_q=11, n_k=37),
+    "decode step": Case(n_q=1, n_k=37),
+    "Tq < Tk not causal": Case(n_q=11, n_k=37, causal=False),
+    "GQA": Case(heads=6, kv_heads=2),
+    "MQA, Tq < Tk": Case(heads=4, kv_heads=1, n_q=13, n_k=37, fragment=8),
+    "documents": Case(docs=True, fragment=8),
+    "documents, GQA, Tq < Tk": Case(heads=6, kv_heads=3, n_q=21, n_k=40, fragment=8, docs=True),
+    "documents not causal": Case(docs=True, causal=False, fragment=8),
+}
+
+
+def make_docs(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted random document ids with padding (-1): rows that see nothing at all."""
+    docs = torch.randint(0, 4, (batch, length), generator=gen).sort(dim=1).values
+    docs[0, -3:] = -1  # trailing padding
+    if batch > 1:
+        docs[1, 5:9] = -1  # padding in the middle of a row
+    return docs
+
+
+def make_inputs(
+    case: Case, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.batch, case.heads, case.n_q, case.dim, generator=gen, dtype=dtype)
+    k, v = (
+        torch.randn(case.batch, case.kv_heads, case.n_k, case.dim, generator=gen, dtype=dtype)
+        for _ in range(2)
+    )
+    dout = torch.randn(q.shape, generator=gen, dtype=dtype)
+    docs = make_docs(case.batch, case.n_k, gen) if case.docs else None
+    return q, k, v, dout, docs
+
+
+def run(fn, q, k, v, dout, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Output and (dq, dk, dv) of fn for upstream gradient dout."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1)).item()
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", CASES)
+def test_fragment_matches_naive(name: str, dtype: torch.dtype, tol: float) -> None:
+    case = CASES[name]
+    q, k, v, dout, docs = make_inputs(case, dtype)
+    kw = {"causal": case.causal, "doc_ids": docs}
+    got = run(fragment_attention, q, k, v, dout, fragment_size=case.fragment, **kw)
+    want = run(naive_attention, q, k, v, dout, **kw)
+    for g, w, what in zip(got, want, ("out", "dq", "dk", "dv"), strict=True):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert rel_err(g, w) < tol, what
+
+
+@pytest.mark.parametrize(
+    "name", ["Tq < Tk", "not causal", "MQA, Tq < Tk", "documents, GQA, Tq < Tk"]
+)
+def test_sdpa_matches_naive(name: str) -> None:
+    case = CASES[name]
+    q, k, v, dout, docs = make_inputs(case, torch.float32)
+    kw = {"causal": case.causal, "doc_ids": docs}
+    got = run(sdpa_attention, q, k, v, dout, **kw)
+    want = run(naive_attention, q, k, v, dout, **kw)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_padding_rows_give_zero_output_and_gradients() -> None:
+    case = CASES["documents, GQA, Tq < Tk"]
+    q, k, v, dout, docs = make_inputs(case, torch.float32)
+    out, dq, dk, dv = run(fragment_attention, q, k, v, dout, doc_ids=docs, fragment_size=8)
+    pad_q = docs[:, -case.n_q :] < 0
+    pad_k = docs < 0
+    assert pad_q.any() and pad_k.any()
+    assert not any(t.isnan().any() for t in (out, dq, dk, dv))
+    assert (out.transpose(1, 2)[pad_q] == 0).all()
+    assert (dq.transpose(1, 2)[pad_q] == 0).all()
+    assert (dk.transpose(1, 2)[pad_k] == 0).all() and (dv.transpose(1, 2)[pad_k] == 0).all()
+
+
+def test_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (
+        torch.randn(2, 2, 7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        for _ in range(2)
+    )
+    docs = torch.tensor([[0, 0, 1, 1, 1, 1, -1], [2, 2, 2, 2, 3, 3, 3]])
+    for causal in (True, False):
+        for doc_ids in (None, docs):
+
+            def fn(q, k, v, causal=causal, doc_ids=doc_ids):
+                return fragment_attention(q, k, v, causal=causal, fragment_size=2, doc_ids=doc_ids)
+
+            assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_bf16_close_to_fp32() -> None:
+    case = Case(heads=4, kv_heads=2, n_q=64, n_k=96, fragment=32, docs=True)
+    q, k, v, dout, docs = make_inputs(case, torch.float32)
+    q, k, v, dout = (t.bfloat16() for t in (q, k, v, dout))
+    low = run(fragment_attention, q, k, v, dout, fragment_size=32, doc_ids=docs)
+    high = run(naive_attention, q.float(), k.float(), v.float(), dout.float(), doc_ids=docs)
+    for lo, hi in zip(low, high, strict=True):
+        assert lo.dtype == torch.bfloat16
+        assert rel_err(lo, hi) < 2e-2
+
+
+def test_merge_of_key_halves_equals_full() -> None:
+    case = CASES["documents, GQA, Tq < Tk"]
+    q, k, v, _, docs = make_inputs(case, torch.float64)
+    q_start, half, scale = case.n_k - case.n_q, 25, 0.3
+    common = {"scale": scale, "fragment_size": 4, "q_start": q_start, "q_doc": docs[:, q_start:]}
+    full = fragment_forward(q, k, v, k_doc=docs, **common)
+    first = fragment_forward(q, k[:, :, :half], v[:, :, :half], k_doc=docs[:, :half], **common)
+    second = fragment_forward(
+        q, k[:, :, half:], v[:, :, half:], k_start=half, k_doc=docs[:, half:], **common
+    )
+    # Some rows see nothing in one half and something in the other.
+    assert (first[1] == float("-inf")).any() and (second[1] == float("-inf")).any()
+    out, lse = merge(*first, *second)
+    assert torch.equal(lse.isinf(), full[1].isinf())
+    assert rel_err(out, full[0]) < 1e-12
+    assert rel_err(lse.nan_to_num(neginf=0), full[1].nan_to_num(neginf=0)) < 1e-12
+    want = naive_attention(q, k, v, doc_ids=docs, scale=scale)
+    assert rel_err(out, want) < 1e-12
+
+
+def test_backward_blocks_add_up() -> None:
+    case = CASES["documents, GQA, Tq < Tk"]
+    q, k, v, dout, docs = make_inputs(case, torch.float64)
+    q_start, half, scale = case.n_k - case.n_q, 17, 0.3
+    common = {"scale": scale, "fragment_size": 4, "q_start": q_start, "q_doc": docs[:, q_start:]}
+    out, lse = fragment_forward(q, k, v, k_doc=docs, **common)
+    delta = (out * dout).sum(-1)
+    parts = [
+        fragment_backward(
+            q, k[:, :, s], v[:, :, s], dout, lse, delta, k_start=s.start, k_doc=docs[:, s], **common
+        )
+        for s in (slice(0, half), slice(half, case.n_k))
+    ]
+    got = (
+        parts[0][0] + parts[1][0],
+        torch.cat([parts[0][1], parts[1][1]], dim=2),
+        torch.cat([parts[0][2], parts[1][2]], dim=2),
+    )
+    want = run(naive_attention, q, k, v, dout, doc_ids=docs, scale=scale)[1:]
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_query_block_before_key_block_sees_nothing() -> None:
+    q, k, v, dout, _ = make_inputs(Case(n_q=8, n_k=8), torch.float32)
+    out, lse = fragment_forward(q, k, v, scale=1.0, fragment_size=4, q_start=0, k_start=8)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    grads = fragment_backward(
+        q, k, v, dout, lse, torch.zeros_like(lse), scale=1.0, fragment_size=4, k_start=8
+    )
+    assert all((g == 0).all() for g in grads)
+
+
+def test_plan_skips_future_and_foreign_tiles() -> None:
+    n, size = 64, 16  # 4 x 4 fragments
+    causal = _plan(n, n, size, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    assert len(causal) == 10  # lower triangle only
+    assert [t.qf == t.kf for t in causal] == [t.causal_mask for t in causal]
+    docs = torch.arange(n).div(32, rounding_mode="floor")[None]  # two documents of 2 fragments
+    packed = _plan(n, n, size, causal=True, q_start=0, k_start=0, q_doc=docs, k_doc=docs)
+    assert [(t.qf, t.kf) for t in packed] == [(0, 0), (1, 0), (1, 1), (2, 2), (3, 2), (3, 3)]
+    assert not any(t.doc_mask for t in packed)  # every kept tile holds one document
+
+
+class MaxAllocation(TorchDispatchMode):
+    """Records the largest output (in elements) of every op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        self.ops += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", ["fragment", "naive"])
+def test_memory_is_linear_in_sequence_length(backend: str) -> None:
+    batch, heads, length, dim, fragment = 1, 2, 4096, 16, 128
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, length, dim, generator=gen, requires_grad=True) for _ in range(3)
+    )
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MaxAllocation() as forward:
+        out = attention(q, k, v, backend=backend, fragment_size=fragment)
+    with MaxAllocation() as backward:
+        out.backward(torch.ones_like(out))
+    assert backward.ops > 0 and q.grad is not None
+    bound = 4 * batch * heads * length * fragment  # a few F x T blocks per (B, H)
+    largest = max(forward.largest, backward.largest)
+    saved_bound = 4 * q.numel() + batch * heads * length  # q, k, v, out and lse
+    fits = largest <= bound and sum(saved) <= saved_bound
+    assert fits == (backend == "fragment"), (largest, bound, sum(saved), saved_bound)
+
+
+def test_backend_switch() -> None:
+    q, k, v, _, docs = make_inputs(CASES["documents, GQA, Tq < Tk"], torch.float64)
+    want = naive_attention(q, k, v, doc_ids=docs)
+    for backend in BACKENDS:
+        got = attention(q, k, v, backend=backend, doc_ids=docs, fragment_size=8)
+        assert rel_err(got, want) < 1e-10
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, backend="flash")
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "kv_shape", "doc_shape", "match"),
+    [
+        ((1, 3, 4, 8), (1, 2, 4, 8), None, "incompatible"),
+        ((1, 2, 5, 8), (1, 2, 4, 8), None, "must not exceed"),
+        ((1, 2, 4, 8), (1, 2, 4, 8), (1, 3), "doc_ids"),
+    ],
+)
+def test_invalid_shapes_raise(q_shape, kv_shape, doc_shape, match) -> None:
+    q, k = torch.zeros(q_shape), torch.zeros(kv_shape)
+    docs = None if doc_shape is None else torch.zeros(doc_shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        fragment_attention(q, k, k, doc_ids=docs)
