@@ -171,7 +171,7 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 def _closest(name: str, options: list[str], prefix: str = "") -> str:
     """A hint naming the closest valid key, or listing them all when none is close."""
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(name), options, n=1, cutoff=0.5)
     if match:
         return f"; did you mean '{prefix}{match[0]}'?"
     return "; valid keys: " + ", ".join(prefix + o for o in options)
@@ -282,6 +282,13 @@ def _check_consistency(cfg: Config) -> None:
                     f"config key 'data.template' = {cfg.data.template!r}: must contain "
                     f"{placeholder}"
                 )
+        try:
+            cfg.data.template.format(question="", answer="")
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise FraglmError(
+                f"config key 'data.template' = {cfg.data.template!r}: the only placeholders are "
+                "{question} and {answer} (write {{ or }} for a literal brace)"
+            ) from None
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -306,7 +313,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to raw config data."""
-    merged = {k: dict(v or {}) for k, v in raw.items()}
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         dotted, sep, text = item.partition("=")
         section, dot, key = dotted.strip().partition(".")
@@ -318,8 +325,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise FraglmError(
                 f"override '{item}': value is not valid YAML ({exc.problem})"
             ) from None
-        merged.setdefault(section, {})[key] = value
+        values = merged.get(section)
+        if values is None:
+            values = merged[section] = {}
+        if not isinstance(values, dict):
+            raise FraglmError(f"config section '{section}' must be a mapping of keys to values")
+        values[key] = value
     return merged
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines; keep what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -332,7 +351,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise FraglmError(f"config file {path} is not valid YAML: {exc}") from None
+            raise FraglmError(
+                f"config file {path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         except UnicodeDecodeError:
             raise FraglmError(f"config file {path} is not UTF-8 text") from None
         if not isinstance(raw, dict):

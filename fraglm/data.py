@@ -20,6 +20,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 from tokenizers import Tokenizer
 
 from fraglm.config import END, Config, DataConfig
@@ -27,7 +28,13 @@ from fraglm.errors import FraglmError, first_line
 from fraglm.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 
 FORMAT_VERSION = 1
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+LOCAL_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 TEXT_FILES = {".json", ".jsonl", ".csv", ".txt"}
 TOKENIZER_FILE, META_FILE = "tokenizer.json", "meta.json"
 SPLITS = ("train", "val")
@@ -98,11 +105,26 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
             _check_utf8(path)
         if path.stat().st_size == 0:
             raise FraglmError(f"corpus {path} is empty")
+        options: dict[str, Any] = {}
+        if suffix == ".csv":
+            # Mapped fields stay text exactly as written ("4", "1.50", "None", "NA"); only an
+            # empty cell is missing. pandas would otherwise parse numbers and NA words.
+            fields = [cfg.text_field] if cfg.text_field else [cfg.question_field, cfg.answer_field]
+            options = {
+                "converters": dict.fromkeys(fields, str),
+                "keep_default_na": False,
+                "na_values": [""],
+            }
         try:
             ds = datasets.load_dataset(
-                LOCAL_BUILDERS[suffix], data_files=str(path), split="train"
+                LOCAL_BUILDERS[suffix], data_files=str(path), split="train", **options
             )
         except Exception as exc:
+            if "corresponds to no data" in str(exc):  # datasets' words for zero records
+                raise FraglmError(f"corpus {path} has no records") from None
+            # datasets wraps the parser's own message (the useful one) in a generic error
+            while isinstance(exc, DatasetGenerationError) and exc.__cause__ is not None:
+                exc = exc.__cause__
             raise FraglmError(f"corpus {path} could not be read: {first_line(exc)}") from None
     else:
         if datasets.config.HF_HUB_OFFLINE:
@@ -122,7 +144,6 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
     if len(ds) == 0:
         raise FraglmError(f"corpus {cfg.path} has no records")
     return ds
-
 
 
 def _column(ds: datasets.Dataset, name: str, source: str) -> list[Any]:
@@ -145,14 +166,18 @@ def make_documents(ds: datasets.Dataset, cfg: DataConfig) -> list[str]:
         return [text + END for text in _column(ds, cfg.text_field, cfg.path)]
     questions = _column(ds, cfg.question_field, cfg.path)
     answers = _column(ds, cfg.answer_field, cfg.path)
-    return [cfg.template.format(question=q, answer=a) for q, a in zip(questions, answers, strict=True)]
+    return [
+        cfg.template.format(question=q, answer=a) for q, a in zip(questions, answers, strict=True)
+    ]
 
 
-def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_documents(
+    n_documents: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic split by document: (train indices, val indices), each in corpus order."""
-    n_val = round(n_documents * val_fraction)
+    n_val = min(round(n_documents * val_fraction), n_documents - 1)  # train is never empty
     if val_fraction > 0 and n_documents > 1:
-        n_val = min(max(n_val, 1), n_documents - 1)
+        n_val = max(n_val, 1)
     order = np.random.default_rng(seed).permutation(n_documents)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -162,7 +187,9 @@ def corpus_fingerprint(cfg: Config, ds: datasets.Dataset | None = None) -> str:
     h = hashlib.sha256()
     settings = {
         "format": FORMAT_VERSION,
-        "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("tokenized_dir", "num_proc")},
+        "data": {
+            k: v for k, v in asdict(cfg.data).items() if k not in ("tokenized_dir", "num_proc")
+        },
         "tokenizer": asdict(cfg.tokenizer),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -232,7 +259,9 @@ def tokenize(cfg: Config, *, progress: bool = True) -> TokenizeSummary:
     characters = sum(len(d) for d in documents)
     train_idx, val_idx = split_documents(len(documents), cfg.data.val_fraction, cfg.data.split_seed)
     train_docs = [documents[i] for i in train_idx]
-    tokenizer = train_tokenizer(train_docs, cfg.tokenizer, length=len(train_docs), progress=progress)
+    tokenizer = train_tokenizer(
+        train_docs, cfg.tokenizer, length=len(train_docs), progress=progress
+    )
     encoded = _encode(documents, tokenizer, cfg.data.num_proc)
     n_vocab = vocab_size(tokenizer)
     dtype = _token_dtype(n_vocab)
@@ -290,7 +319,9 @@ def is_up_to_date(cfg: Config) -> bool:
     """True when the token shards exist and were made from this corpus with these settings."""
     root = Path(cfg.data.tokenized_dir)
     meta = read_meta(root)
-    if meta is None or not all((root / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin")):
+    if meta is None or not all(
+        (root / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin")
+    ):
         return False
     return meta.get("fingerprint") == corpus_fingerprint(cfg)
 

@@ -1,9 +1,136 @@
 """Test setup shared by every module: never touch the network."""
 
+import atexit
+import json
 import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Corpora that tests write are cached by `datasets` in a throwaway folder, not in ~/.cache,
+# and its progress bars stay out of the captured stderr that tests read.
+_HF_CACHE = tempfile.mkdtemp(prefix="fraglm-tests-hf-")
+atexit.register(shutil.rmtree, _HF_CACHE, ignore_errors=True)
+os.environ.setdefault("HF_DATASETS_CACHE", _HF_CACHE)
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A small Q&A corpus with the text a tokenizer must survive: accents, Greek, Cyrillic, CJK,
+# emoji and combining marks, newlines, quotes, commas and braces, numbers, "None".
+_TOPICS = [
+    ("a headache", "Drink water, rest in a dim room and take a break from screens."),
+    ("a fever", "Rest, drink fluids; see a doctor above 39.5 °C or if it lasts > 3 days."),
+    ("a cold", 'Most colds pass in 7–10 days. "Rest" is the best medicine, really.'),
+    ("a café au lait spot", "Usually harmless; naïve worry. Résumé: ask a dermatologist."),
+    ("Kopfschmerzen", "Viel trinken, frische Luft, Straße meiden, Ruhe. Grüße!"),
+    ("πυρετός", "Ξεκουραστείτε και πίνετε νερό. Αν επιμένει, δείτε γιατρό."),
+    ("простуда", "Пейте тёплый чай, отдыхайте и проветривайте комнату."),
+    ("糖尿病", "血糖を定期的に測り、食事と運動に気をつけましょう。"),
+    ("头痛", "多喝水，注意休息，必要时就医。"),
+    ("hiccups 🙂", "Hold your breath 🫁 for a few seconds, or sip cold water 💧."),
+    ("the dose {per kg}", "Line one of the answer.\nLine two, with a comma, and a {brace}."),
+    ("a sprain", "R.I.C.E.: rest, ice, compression, elevation.\n\tThen move gently."),
+    ("e\u0301 combining marks", "Cafe\u0301 and n\u0303 are written with combining marks."),
+    ("2+2", "4"),
+    ("side effects of water", "None"),
+]
+
+
+def _make_records() -> list[dict[str, str]]:
+    records = []
+    for i in range(45):
+        topic, answer = _TOPICS[i % len(_TOPICS)]
+        records.append(
+            {
+                "question": f"What should I do about {topic}? (case {i})",
+                "answer": answer if i % 3 else f"{answer} Follow-up #{i}.",
+            }
+        )
+    return records
+
+
+QA_RECORDS = _make_records()
+
+
+@pytest.fixture(scope="session")
+def qa_records() -> list[dict[str, str]]:
+    """45 Q&A records with non-ASCII text (treat as read-only)."""
+    return QA_RECORDS
+
+
+@pytest.fixture(scope="session")
+def qa_documents(qa_records) -> list[str]:
+    """The records in the default template, in corpus order."""
+    return [f"<|Q|>{r['question']}<|A|>{r['answer']}<|END|>" for r in qa_records]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_jsonl():
+    """``write_jsonl(path, records) -> path``: one JSON object a line, UTF-8."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def qa_jsonl(tmp_path, qa_records) -> Path:
+    """The Q&A records as a JSON Lines corpus in the test's tmp_path."""
+    return _write_jsonl(tmp_path / "corpus.jsonl", qa_records)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error(self) -> str:
+        """The last line on stderr (where the one-line error message goes)."""
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def assert_user_error(self, *fragments: str) -> None:
+        """Exit code 2 and one line ``error: ...`` naming every fragment; no traceback."""
+        assert self.exit_code == 2, (self.exit_code, self.stdout, self.stderr)
+        assert "Traceback" not in self.stdout + self.stderr
+        assert self.error.startswith("error: "), self.stderr
+        for fragment in fragments:
+            assert fragment in self.error, (fragment, self.error)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run the real entry point (``fraglm.cli.main``) in-process: ``run_cli("tokenize", ...)``.
+
+    An exception that is not turned into a message escapes and fails the test.
+    """
+    from fraglm.cli import main
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["fraglm", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
