@@ -1,0 +1,199 @@
+"""Ring attention: one sequence spread over the ranks of a process group.
+
+Each of the N ranks holds 2 of the sequence's 2N equal chunks in *zigzag* order: rank r
+holds chunks r and 2N-1-r, so under a causal mask every rank has the same amount of work.
+Keys and values travel around the ring (rank r sends to r+1) with
+``torch.distributed.batch_isend_irecv``; the transfer of the next block is started
+before the current block is computed, so communication overlaps computation. Partial
+results over different key blocks are combined exactly with
+:func:`fraglm.attention.fragment.merge`; all the arithmetic is FragmentStream's own block
+routines, :func:`fragment_forward` and :func:`fragment_backward`.
+
+The backward pass sends the blocks around again, together with their dK/dV accumulators:
+each rank adds its contribution to the block it holds and passes it on, and after a full
+turn every accumulator is back with the rank that owns those keys. Only the local q, k, v,
+output and log-sum-exp are saved for backward: memory per rank is O(T / N).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fraglm.attention.fragment import fragment_backward, fragment_forward, merge
+
+
+def zigzag_chunks(rank: int, world: int) -> tuple[int, int]:
+    """The two chunk indices (of 2 * world) that ``rank`` holds."""
+    return rank, 2 * world - 1 - rank
+
+
+def zigzag_indices(
+    length: int, rank: int, world: int, device: torch.device | None = None
+) -> Tensor:
+    """Positions of the sequence that ``rank`` holds, in local order."""
+    if length % (2 * world):
+        raise ValueError(f"sequence length {length} must be divisible by 2 * ranks = {2 * world}")
+    chunk = length // (2 * world)
+    first, second = zigzag_chunks(rank, world)
+    positions = torch.arange(length, device=device).view(2 * world, chunk)
+    return torch.cat((positions[first], positions[second]))
+
+
+def zigzag_split(x: Tensor, rank: int, world: int, dim: int) -> Tensor:
+    """This rank's zigzag share of ``x`` along ``dim``."""
+    index = zigzag_indices(x.shape[dim], rank, world, x.device)
+    return x.index_select(dim, index)
+
+
+class _Ring:
+    """Send to the next rank and receive from the previous one, asynchronously."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group or dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+
+    def start(self, tensors: list[Tensor]) -> tuple[list[Tensor], list[dist.Work]]:
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
+        return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list[dist.Work]) -> None:
+    for work in works:
+        work.wait()
+
+
+def _pairs(rank: int, owner: int, world: int, causal: bool) -> list[tuple[int, int, int, int]]:
+    """(local q half, block k half, q chunk, k chunk) for every pair with visible keys."""
+    q_chunks, k_chunks = zigzag_chunks(rank, world), zigzag_chunks(owner, world)
+    return [
+        (qi, ki, qc, kc)
+        for qi, qc in enumerate(q_chunks)
+        for ki, kc in enumerate(k_chunks)
+        if not causal or kc <= qc
+    ]
+
+
+def _halves(x: Tensor | None, dim: int) -> tuple[Tensor | None, Tensor | None]:
+    if x is None:
+        return None, None
+    first, second = x.chunk(2, dim=dim)
+    return first, second
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        doc_ids: Tensor | None,
+        group: dist.ProcessGroup | None,
+        causal: bool,
+        fragment_size: int,
+        scale: float,
+    ) -> Tensor:
+        ring = _Ring(group)
+        chunk = q.shape[2] // 2
+        q_halves = _halves(q, 2)
+        q_docs = _halves(doc_ids, 1)
+        outs: list[Tensor | None] = [None, None]
+        lses: list[Tensor | None] = [None, None]
+        block = [k, v] if doc_ids is None else [k, v, doc_ids]
+        for step in range(ring.world):
+            owner = (ring.rank - step) % ring.world
+            incoming = ring.start(block) if step < ring.world - 1 else None
+            k_halves, v_halves = _halves(block[0], 2), _halves(block[1], 2)
+            k_docs = _halves(block[2] if doc_ids is not None else None, 1)
+            for qi, ki, qc, kc in _pairs(ring.rank, owner, ring.world, causal):
+                out, lse = fragment_forward(
+                    q_halves[qi], k_halves[ki], v_halves[ki], scale=scale, causal=causal,
+                    fragment_size=fragment_size, q_start=qc * chunk, k_start=kc * chunk,
+                    q_doc=q_docs[qi], k_doc=k_docs[ki],
+                )  # fmt: skip
+                if outs[qi] is None:
+                    outs[qi], lses[qi] = out, lse
+                else:
+                    outs[qi], lses[qi] = merge(outs[qi], lses[qi], out, lse)
+            if incoming is not None:
+                block, works = incoming
+                _wait(works)
+        out = torch.cat(outs, dim=2)
+        lse = torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse, *([] if doc_ids is None else [doc_ids]))
+        ctx.options = (group, causal, fragment_size, scale)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dout: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, *docs = ctx.saved_tensors
+        group, causal, fragment_size, scale = ctx.options
+        doc_ids = docs[0] if docs else None
+        ring = _Ring(group)
+        chunk = q.shape[2] // 2
+        delta = torch.einsum("bhtd,bhtd->bht", dout.to(lse.dtype), out)
+        q_halves, do_halves = _halves(q, 2), _halves(dout, 2)
+        lse_halves, delta_halves = _halves(lse, 2), _halves(delta, 2)
+        q_docs = _halves(doc_ids, 1)
+        dq = torch.zeros_like(out)
+        dq_halves = _halves(dq, 2)
+        block = [k, v] if doc_ids is None else [k, v, doc_ids]
+        grads = [torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)]
+        for step in range(ring.world):
+            owner = (ring.rank - step) % ring.world
+            incoming = ring.start(block) if step < ring.world - 1 else None
+            k_halves, v_halves = _halves(block[0], 2), _halves(block[1], 2)
+            k_docs = _halves(block[2] if doc_ids is not None else None, 1)
+            dk_halves, dv_halves = _halves(grads[0], 2), _halves(grads[1], 2)
+            for qi, ki, qc, kc in _pairs(ring.rank, owner, ring.world, causal):
+                dq_part, dk_part, dv_part = fragment_backward(
+                    q_halves[qi], k_halves[ki], v_halves[ki], do_halves[qi], lse_halves[qi],
+                    delta_halves[qi], scale=scale, causal=causal, fragment_size=fragment_size,
+                    q_start=qc * chunk, k_start=kc * chunk, q_doc=q_docs[qi], k_doc=k_docs[ki],
+                )  # fmt: skip
+                dq_halves[qi].add_(dq_part)
+                dk_halves[ki].add_(dk_part)
+                dv_halves[ki].add_(dv_part)
+            # pass this block's gradient accumulators on with the block; after the last
+            # step the hand-over returns each accumulator to the rank that owns the keys
+            grads, works = ring.start(grads)
+            if incoming is not None:
+                block, kv_works = incoming
+                works = works + kv_works
+            _wait(works)
+        dk, dv = grads
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    fragment_size: int = 128,
+    doc_ids: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Exact attention over a sequence whose zigzag shares are spread over ``group``.
+
+    q (B, H, 2C, D) and k, v (B, Hkv, 2C, D) are this rank's share (see
+    :func:`zigzag_split`); ``doc_ids`` (B, 2C) likewise. Returns this rank's share of
+    the output, equal to slicing the output of single-process
+    :func:`~fraglm.attention.fragment.fragment_attention` on the whole sequence.
+    """
+    if q.shape[2] != k.shape[2] or q.shape[2] % 2:
+        raise ValueError("ring attention needs equal, even-length local q and k/v shares")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return RingAttention.apply(q, k, v, doc_ids, group, causal, fragment_size, scale)
