@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fraglm.attention.ring import zigzag_indices
 from fraglm.config import ANSWER, END, QUESTION, Config
 
 IGNORE_INDEX = -100
@@ -22,10 +23,22 @@ class Batch:
     inputs: torch.Tensor
     targets: torch.Tensor
     doc_ids: torch.Tensor | None
+    positions: torch.Tensor | None = None  # set for a context-parallel share
 
     @property
     def counted_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
+
+    def zigzag_share(self, rank: int, world: int) -> Batch:
+        """The part of every sequence that context-parallel ``rank`` of ``world`` holds."""
+        length = self.inputs.shape[1]
+        index = zigzag_indices(length, rank, world, self.inputs.device)
+        return Batch(
+            self.inputs[:, index],
+            self.targets[:, index],
+            None if self.doc_ids is None else self.doc_ids[:, index],
+            index,
+        )
 
 
 def answer_target_mask(
@@ -82,6 +95,13 @@ class WindowSampler:
     def step_starts(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """Window starts of every sequence in the global batch of ``step``."""
         return np.random.default_rng([seed, step]).integers(0, self.max_start + 1, size=batch_size)
+
+    def counted_targets(self, starts: np.ndarray) -> int:
+        """Target tokens that count in the loss over the windows at ``starts``."""
+        if self.target_mask is None:
+            return len(starts) * self.context_length
+        rows = starts[:, None] + np.arange(1, self.context_length + 1)
+        return int(self.target_mask[rows].sum())
 
     def eval_starts(self, n_windows: int) -> np.ndarray:
         """Evenly spread, fixed windows: the same evaluation set every time."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, make_sampler
@@ -18,10 +19,17 @@ from fraglm.run import load_run
 from fraglm.tokenizer import special_ids
 
 
-def token_loss_sum(model: torch.nn.Module, batch: Batch, precision: Precision) -> torch.Tensor:
+def token_loss_sum(
+    model: torch.nn.Module,
+    batch: Batch,
+    precision: Precision,
+    cp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy over the batch's counted target tokens (fp32 logits)."""
     with precision.context(batch.inputs.device):
-        logits = model(batch.inputs, doc_ids=batch.doc_ids)
+        logits = model(
+            batch.inputs, doc_ids=batch.doc_ids, positions=batch.positions, cp_group=cp_group
+        )
     return F.cross_entropy(
         logits.float().view(-1, logits.shape[-1]),
         batch.targets.view(-1),

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fraglm.attention import attention
+from fraglm.attention.ring import ring_attention
 from fraglm.config import ModelConfig
 
 
@@ -109,6 +111,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         doc_ids: torch.Tensor | None,
         cache: KVCache | None,
+        cp_group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -126,15 +129,20 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
-        y = attention(
-            q,
-            k,
-            v,
-            backend=self.cfg.attention,
-            causal=True,
-            fragment_size=self.cfg.fragment_size,
-            doc_ids=doc_ids,
-        )
+        if cp_group is not None:
+            y = ring_attention(
+                q, k, v, group=cp_group, fragment_size=self.cfg.fragment_size, doc_ids=doc_ids
+            )
+        else:
+            y = attention(
+                q,
+                k,
+                v,
+                backend=self.cfg.attention,
+                causal=True,
+                fragment_size=self.cfg.fragment_size,
+                doc_ids=doc_ids,
+            )
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.dropout(self.out(y))
 
@@ -178,8 +186,9 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         doc_ids: torch.Tensor | None,
         cache: KVCache | None,
+        cp_group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, doc_ids, cache)
+        x = x + self.attn(self.attn_norm(x), rope, doc_ids, cache, cp_group)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -225,25 +234,30 @@ class Transformer(nn.Module):
         *,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        cp_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
         With a ``cache``, ``idx`` continues the cached sequence: positions start at
-        ``cache.length`` and the cache advances by T.
+        ``cache.length`` and the cache advances by T. With ``cp_group`` (context
+        parallelism), ``idx`` is this rank's zigzag share of each sequence, ``positions``
+        its positions, and attention runs as ring attention over the group.
         """
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.embed(idx)
         rope = None
         if self.pos_embed is not None:
-            if positions[-1] >= self.cfg.context_length:
-                raise ValueError(f"position {int(positions[-1])} is past the learned positions")
+            if int(positions.max()) >= self.cfg.context_length:
+                raise ValueError(f"position {int(positions.max())} is past the learned positions")
             x = x + self.pos_embed(positions)
         else:
             rope = self.rope(positions)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, rope, doc_ids, cache)
+            x = block(x, rope, doc_ids, cache, cp_group)
         if cache is not None:
             cache.advance(idx.shape[1])
         return self.head(self.norm(x))

@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fraglm import checkpoint as ckpt
-from fraglm.batches import make_sampler
+from fraglm.batches import Batch, make_sampler
 from fraglm.config import Config, TrainConfig
 from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, load_tokens
 from fraglm.device import compile_supported, resolve_device, resolve_precision
+from fraglm.distributed import DistEnv, all_reduce_sum, any_rank, barrier, setup, teardown
 from fraglm.errors import FraglmError
 from fraglm.evaluation import evaluate, token_loss_sum
 from fraglm.model import Transformer
@@ -92,9 +94,10 @@ def _check_compatible(saved: Config, cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, env: DistEnv | None = None) -> None:
         self.cfg = cfg
         tcfg = cfg.train
+        self.env = env or DistEnv()
         self.run_dir = Path(tcfg.out_dir)
         if not resume and ckpt.has_checkpoint(self.run_dir):
             raise FraglmError(
@@ -106,9 +109,11 @@ class Trainer:
         if resume:
             _check_compatible(ckpt.load_run_config(self.run_dir), cfg)
 
-        summary = ensure_tokenized(cfg, progress=cfg.logging.progress)
-        if summary is not None:
-            print(f"tokenized {cfg.data.path}: {summary.describe()}")
+        if self.env.is_main:
+            summary = ensure_tokenized(cfg, progress=cfg.logging.progress)
+            if summary is not None:
+                print(f"tokenized {cfg.data.path}: {summary.describe()}")
+        barrier(self.env)
         data_dir = Path(cfg.data.tokenized_dir)
         tokenizer = load_run_tokenizer(data_dir)
         ids = special_ids(tokenizer)
@@ -134,9 +139,12 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model, self.vocab_size).to(self.device)
         self.forward_model: torch.nn.Module = self.model
+        if self.env.enabled:
+            device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if tcfg.compile:
             if compile_supported(self.device):
-                self.forward_model = torch.compile(self.model)
+                self.forward_model = torch.compile(self.forward_model)
             else:
                 print("note: torch.compile needs CUDA capability 7.0+; training uncompiled")
         self.optimizer = build_optimizer(self.model, tcfg, self.device)
@@ -145,9 +153,13 @@ class Trainer:
         self.best_val: float | None = None
         if resume:
             self._load_latest()
-        else:
+        elif self.env.is_main:
             ckpt.write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
-        self.tracker = Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
+        self.tracker = (
+            Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
+            if self.env.is_main
+            else None
+        )
 
     def _load_latest(self) -> None:
         path = ckpt.checkpoint_dir(self.run_dir, "latest")
@@ -172,28 +184,49 @@ class Trainer:
         }
 
     def save(self, *, best: bool = False) -> None:
+        """Checkpoint (rank 0 only: all ranks hold the same weights and optimizer state)."""
+        if not self.env.is_main:
+            return
         pointers = ("latest", "best") if best else ("latest",)
         info = {"val_loss": self.best_val} if best else {}
         ckpt.save_checkpoint(
             self.run_dir, self.model, self._state(), step=self.step, pointers=pointers, info=info
         )
 
+    def _my_batches(self, starts: np.ndarray) -> list[Batch]:
+        """This rank's micro-batches of the global batch: a data-parallel slice of the
+        windows, and with context parallelism this rank's zigzag share of each."""
+        env, tcfg = self.env, self.cfg.train
+        mine = np.array_split(starts, env.dp_size)[env.dp_rank]
+        batches = [
+            self.train_sampler.batch(s, self.device) for s in np.array_split(mine, tcfg.grad_accum)
+        ]
+        if env.context_parallel > 1:
+            batches = [b.zigzag_share(env.cp_rank, env.context_parallel) for b in batches]
+        return batches
+
     def train_step(self) -> float:
-        """One optimizer step over the global batch; returns its mean token loss."""
+        """One optimizer step over the global batch; returns its mean token loss.
+
+        Every rank scales its summed token loss by world size / tokens counted in the
+        whole global batch, so DDP's gradient average is the gradient of the global mean.
+        """
         tcfg = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tcfg)
         starts = self.train_sampler.step_starts(tcfg.seed, self.step, tcfg.batch_size)
-        micro_batches = [
-            self.train_sampler.batch(s, self.device)
-            for s in np.array_split(starts, tcfg.grad_accum)
-        ]
-        counted = sum(b.counted_tokens for b in micro_batches)
-        total = 0.0
-        for batch in micro_batches:
-            loss = token_loss_sum(self.forward_model, batch, self.precision) / max(counted, 1)
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+        counted = max(self.train_sampler.counted_targets(starts), 1)
+        micro_batches = self._my_batches(starts)
+        local = 0.0
+        for index, batch in enumerate(micro_batches):
+            sync = not self.env.enabled or index == len(micro_batches) - 1
+            with contextlib.nullcontext() if sync else self.forward_model.no_sync():
+                loss_sum = token_loss_sum(
+                    self.forward_model, batch, self.precision, self.env.cp_group
+                )
+                self.scaler.scale(loss_sum * (self.env.world / counted)).backward()
+            local += float(loss_sum.detach())
+        total = all_reduce_sum(local, self.env, self.device) / counted
         if not math.isfinite(total) and not self.scaler.is_enabled():
             raise FraglmError(
                 f"loss became non-finite at step {self.step}; the last good checkpoint in "
@@ -209,7 +242,8 @@ class Trainer:
         return total
 
     def evaluate(self) -> float | None:
-        if self.val_sampler is None:
+        """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
+        if self.val_sampler is None or not self.env.is_main:
             return None
         tcfg = self.cfg.train
         micro_batch = tcfg.batch_size // tcfg.grad_accum
@@ -235,17 +269,22 @@ class Trainer:
         bar = tqdm(
             total=tcfg.max_steps,
             initial=self.step,
-            disable=not self.cfg.logging.progress,
+            disable=not self.cfg.logging.progress or not self.env.is_main,
             desc="train",
         )
         loss = float("nan")
         try:
             with _deferred_interrupt() as interrupted:
                 self._meter = (time.perf_counter(), self.step)
-                while self.step < end and not interrupted():
+                stopped = False
+                while self.step < end:
+                    # every rank must agree, or the ranks would wait on each other forever
+                    stopped = any_rank(interrupted(), self.env, self.device)
+                    if stopped:
+                        break
                     loss = self.train_step()
                     self._after_step(loss, end, bar)
-                if interrupted():
+                if stopped:
                     self.save()
                     bar.write(
                         f"interrupted at step {self.step}: checkpoint saved; continue with --resume"
@@ -253,10 +292,15 @@ class Trainer:
                     raise KeyboardInterrupt
         finally:
             bar.close()
-            self.tracker.close()
+            if self.tracker is not None:
+                self.tracker.close()
         return TrainResult(
             self.run_dir, self.step, loss, self.best_val, self.model.num_parameters()
         )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def _after_step(self, loss: float, end: int, bar: tqdm) -> None:
         """Log, evaluate and checkpoint on their intervals."""
@@ -270,7 +314,7 @@ class Trainer:
             tokens_per_s /= max(now - since, 1e-9)
             self._meter = (now, step)
             lr = lr_at(step - 1, tcfg)
-            self.tracker.log(
+            self._log(
                 {
                     "step": step,
                     "tokens": tokens,
@@ -285,7 +329,7 @@ class Trainer:
             val = self.evaluate()
             if val is not None:
                 ppl = math.exp(min(val, 50.0))
-                self.tracker.log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
+                self._log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
                 bar.write(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
                 if self.best_val is None or val < self.best_val:
                     self.best_val, is_best = val, True
@@ -315,9 +359,21 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
 
 
 def train(cfg: Config, *, resume: bool = False, max_new_steps: int | None = None) -> TrainResult:
-    trainer = Trainer(cfg, resume=resume)
-    print(
-        f"model: {trainer.model.num_parameters():,} parameters ({cfg.model.arch}, "
-        f"{cfg.model.attention} attention) on {trainer.device} in {trainer.precision.name}"
-    )
-    return trainer.run(max_new_steps=max_new_steps)
+    """Train in this process, or as one rank of a torchrun job (see fraglm.distributed)."""
+    env = setup(cfg)
+    try:
+        trainer = Trainer(cfg, resume=resume, env=env)
+        if env.is_main:
+            parallel = ""
+            if env.enabled:
+                parallel = (
+                    f", {env.dp_size} data-parallel x {env.context_parallel} context-parallel"
+                )
+            print(
+                f"model: {trainer.model.num_parameters():,} parameters ({cfg.model.arch}, "
+                f"{cfg.model.attention} attention) on {trainer.device} in "
+                f"{trainer.precision.name}{parallel}"
+            )
+        return trainer.run(max_new_steps=max_new_steps)
+    finally:
+        teardown(env)

@@ -58,8 +58,9 @@ class _Ring:
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
 
     def start(self, tensors: list[Tensor]) -> tuple[list[Tensor], list[dist.Work]]:
+        tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
         return received, dist.batch_isend_irecv(ops)
 
