@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, make_sampler
-from fraglm.data import load_records, load_tokens, make_documents
+from fraglm.data import TOKENIZER_FILE, load_records, load_tokens, make_documents, read_meta
 from fraglm.device import Precision, resolve_precision
 from fraglm.errors import FraglmError
-from fraglm.run import load_run
+from fraglm.run import LoadedRun, load_run
 from fraglm.tokenizer import special_ids
 
 
@@ -82,6 +82,7 @@ def evaluate_run(
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     if data is None:
         tokens = load_tokens(cfg.data.tokenized_dir, "val")
+        _check_split_belongs_to(loaded)
         source = f"{cfg.data.tokenized_dir}/val.bin"
     else:
         documents = make_documents(
@@ -109,3 +110,25 @@ def evaluate_run(
         device=loaded.device,
     )
     return EvalResult(loss, count, source)
+
+
+def _check_split_belongs_to(loaded: LoadedRun) -> None:
+    """The validation split in ``data.tokenized_dir`` must still be the one the run was
+    trained with: tokenizing again into that directory (another vocabulary, corpus or
+    split) would give a meaningless loss, or token ids past the model's vocabulary."""
+    data = loaded.cfg.data
+    root = Path(data.tokenized_dir)
+    meta = read_meta(root) or {}
+    same_split = (meta.get("split_seed"), meta.get("val_fraction")) == (
+        data.split_seed,
+        data.val_fraction,
+    )
+    if not same_split or _text(root / TOKENIZER_FILE) != _text(loaded.run_dir / TOKENIZER_FILE):
+        raise FraglmError(
+            f"{root} has been tokenized again since run {loaded.run_dir} was trained; "
+            "its validation split is gone (evaluate on a corpus file with --data)"
+        )
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None

@@ -31,22 +31,22 @@ def prompt_text(prompt: str, *, raw: bool) -> str:
 def apply_repetition_penalty(
     logits: torch.Tensor, seen: torch.Tensor, penalty: float
 ) -> torch.Tensor:
-    """CTRL-style penalty on tokens already seen: positive logits shrink, negative ones grow."""
-    if penalty == 1.0 or seen.numel() == 0:
+    """CTRL-style penalty on the tokens marked in the boolean mask ``seen`` (vocab,):
+    positive logits shrink, negative ones grow."""
+    if penalty == 1.0:
         return logits
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def next_token(
     logits: torch.Tensor, params: SampleConfig, seen: torch.Tensor, generator: torch.Generator
 ) -> int:
-    """Pick the next id from one position's logits (vocab,)."""
-    logits = apply_repetition_penalty(logits.float().clone(), seen, params.repetition_penalty)
+    """Pick the next id from one position's logits (vocab,); ``seen`` marks the ids so far."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    logits = logits / params.temperature  # a new tensor: the masking below may be in place
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits[logits < kth] = -float("inf")
@@ -62,7 +62,12 @@ def next_token(
 
 @dataclass
 class Generator:
-    """Streams token ids for a prompt; with ``use_cache`` each new token costs one position."""
+    """Streams token ids for a prompt; with ``use_cache`` each new token costs one position.
+
+    When prompt and output outgrow the context, the cached path restarts the cache from
+    the last half context of tokens (one recomputation every ``context / 2`` tokens)
+    and the uncached path keeps the last ``context`` tokens; either way with a notice.
+    """
 
     model: Transformer
     params: SampleConfig
@@ -86,12 +91,8 @@ class Generator:
             dtype = next(self.model.parameters()).dtype
             cache = self._cache = KVCache(self.model.cfg, 1, device=self.device, dtype=dtype)
         if cache.length + new > cache.max_len:
-            keep = max(self.context // 2, 1)
-            self.notice(
-                f"note: context of {self.context} tokens is full; continuing with the last {keep}"
-            )
             cache.reset()
-            new = min(len(ids), keep)
+            new = min(len(ids), max(self.context // 2, 1))
         fresh = torch.tensor([ids[-new:]], device=self.device)
         return self.model(fresh, cache=cache)[0, -1]
 
@@ -103,18 +104,28 @@ class Generator:
         if len(ids) > self.context:
             self.notice(f"note: prompt is {len(ids)} tokens; keeping the last {self.context}")
             ids = ids[-self.context :]
-        self._cache = None
+        if self._cache is not None:
+            self._cache.reset()
+        # The ids of prompt and answer so far, as a mask on the device (repetition penalty).
+        seen = torch.zeros(self.model.vocab_size, dtype=torch.bool, device=self.device)
+        seen[torch.tensor(ids, device=self.device)] = True
         pending = len(ids)
         for _ in range(self.params.max_new_tokens):
+            if len(ids) == self.context + 1:  # the first step that does not fit
+                keep = max(self.context // 2, 1) if self.use_cache else self.context
+                self.notice(
+                    f"note: context of {self.context} tokens is full; "
+                    f"continuing with the last {keep}"
+                )
             if self.use_cache:
                 logits = self._cached_logits(ids, pending)
             else:
                 logits = self._window_logits(ids)
-            seen = torch.tensor(sorted(set(ids)), device=logits.device)
             token = next_token(logits, self.params, seen, generator)
             if token in self.stop_ids:
                 return
             ids.append(token)
+            seen[token] = True
             pending = 1
             yield token
 

@@ -1,0 +1,120 @@
+"""`fraglm eval`: the trainer's validation loss, reproduced; any corpus file with --data."""
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fraglm import checkpoint as ckpt
+from fraglm.config import load_config
+from fraglm.data import tokenize
+from fraglm.evaluation import evaluate_run
+from fraglm.run import load_run
+from fraglm.train import train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(root: Path, *overrides: str):
+    return load_config(
+        REPO_ROOT / "configs" / "tiny.yaml",
+        [
+            f"data.path={json.dumps(str(REPO_ROOT / 'data' / 'sample_health_qa.jsonl'))}",
+            f"data.tokenized_dir={json.dumps(str(root / 'tokenized'))}",
+            f"train.out_dir={json.dumps(str(root / 'run'))}",
+            "train.max_steps=20",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """The model is tiny: a second thread only adds waiting on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """The tiny config trained for 20 steps, evaluated at steps 10 and 20."""
+    return train(tiny_config(tmp_path_factory.mktemp("eval"))).run_dir
+
+
+def logged_val_loss(run: Path, step: int) -> float:
+    lines = (run / ckpt.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    [loss] = [r["val_loss"] for r in records if r["step"] == step and "val_loss" in r]
+    return loss
+
+
+@pytest.mark.parametrize("which", ["best", "latest"])
+def test_eval_reproduces_the_trainers_validation_loss(run_dir, which):
+    step = ckpt.read_pointer(run_dir, which)["step"]
+    result = evaluate_run(run_dir, which=which, device="cpu")
+    assert result.loss == pytest.approx(logged_val_loss(run_dir, step), abs=1e-6)
+    assert result.tokens == 2 * 8 * 64  # eval_batches x batch_size x context_length
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+
+
+def test_eval_command(run_cli, run_dir):
+    result = run_cli("eval", "--run", run_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    best = ckpt.read_pointer(run_dir, "best")["val_loss"]
+    ppl = math.exp(best)
+    split = run_dir.parent / "tokenized" / "val.bin"
+    assert result.stdout == f"{split}: loss {best:.4f}, perplexity {ppl:.2f}, 1,024 tokens\n"
+
+
+def test_eval_on_a_corpus_file(run_cli, run_dir, qa_jsonl, qa_documents):
+    result = evaluate_run(run_dir, data=str(qa_jsonl), device="cpu")
+    # the same loss computed by hand: the documents encoded one after another, cut into
+    # consecutive context-length windows, each predicting its next tokens
+    loaded = load_run(run_dir, device="cpu")
+    tokens = np.concatenate([e.ids for e in loaded.tokenizer.encode_batch(qa_documents)])
+    context = loaded.cfg.model.context_length
+    starts = range(0, len(tokens) - context, context)
+    windows = torch.tensor(np.stack([tokens[s : s + context + 1] for s in starts]))
+    with torch.no_grad():
+        logits = loaded.model(windows[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert result.tokens == len(starts) * context
+    assert result.loss == pytest.approx(float(expected), rel=1e-5)
+    cli = run_cli("eval", "--run", run_dir, "--data", qa_jsonl, "--device", "cpu")
+    assert cli.exit_code == 0, cli.stderr
+    assert cli.stdout.startswith(f"{qa_jsonl}: loss {result.loss:.4f}, ")
+
+
+def test_eval_input_errors(run_cli, run_dir, tmp_path, write_jsonl):
+    missing = tmp_path / "missing.jsonl"
+    run_cli("eval", "--run", run_dir, "--data", missing).assert_user_error("corpus file not found")
+    short = write_jsonl(tmp_path / "short.jsonl", [{"question": "Hi?", "answer": "Yes."}])
+    run_cli("eval", "--run", run_dir, "--data", short).assert_user_error(
+        "evaluation needs at least 66"
+    )
+    run_cli("eval", "--run", run_dir, "--checkpoint", "first").assert_user_error(
+        "--checkpoint must be best or latest"
+    )
+
+
+def test_eval_refuses_a_validation_split_tokenized_again(run_cli, run_dir, tmp_path):
+    # a copy of the run whose tokenized directory was since tokenized with another vocabulary
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    cfg = tiny_config(tmp_path, "tokenizer.vocab_size=300")
+    tokenize(cfg, progress=False)
+    saved = ckpt.load_run_config(copy)
+    saved.data.tokenized_dir = cfg.data.tokenized_dir
+    (copy / ckpt.CONFIG_FILE).write_text(saved.to_yaml(), encoding="utf-8")
+    run_cli("eval", "--run", copy).assert_user_error("has been tokenized again since run")
+    corpus = REPO_ROOT / "data" / "sample_health_qa.jsonl"
+    assert run_cli("eval", "--run", copy, "--data", corpus).exit_code == 0
