@@ -17,6 +17,10 @@ output and log-sum-exp are saved for backward: memory per rank is O(T / N).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -57,17 +61,27 @@ class _Ring:
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
 
-    def start(self, tensors: list[Tensor]) -> tuple[list[Tensor], list[dist.Work]]:
+    def start(self, tensors: list[Tensor]) -> tuple[list[Tensor], _Transfer]:
+        """Send ``tensors`` on and receive the previous rank's; returns the receive buffers
+        (valid once the transfer is waited for) and the transfer."""
         tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
-        return received, dist.batch_isend_irecv(ops)
+        return received, _Transfer(dist.batch_isend_irecv(ops), tensors)
 
 
-def _wait(works: list[dist.Work]) -> None:
-    for work in works:
-        work.wait()
+class _Transfer:
+    """Pending sends and receives. ``wait`` drops every reference to the buffers, so that
+    each step's blocks are freed as soon as the next ones arrive."""
+
+    def __init__(self, works: list[dist.Work], sent: list[Tensor]) -> None:
+        self.works, self.sent = works, sent
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works, self.sent = [], []
 
 
 def _pairs(rank: int, owner: int, world: int, causal: bool) -> list[tuple[int, int, int, int]]:
@@ -88,6 +102,59 @@ def _halves(x: Tensor | None, dim: int) -> tuple[Tensor | None, Tensor | None]:
     return first, second
 
 
+@dataclass(frozen=True)
+class _Options:
+    causal: bool
+    fragment_size: int
+    scale: float
+
+
+def _block_calls(
+    ring: _Ring, owner: int, q: Tensor, block: list[Tensor], opts: _Options
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """For each visible (query half, key half) pair: indices and the key-side arguments
+    of the fragment block routines. Views of ``block`` live only as long as the caller's
+    loop, so a step's block is freed as soon as the next one has arrived."""
+    chunk = q.shape[2] // 2
+    k_halves, v_halves = _halves(block[0], 2), _halves(block[1], 2)
+    k_docs = _halves(block[2] if len(block) > 2 else None, 1)
+    for qi, ki, qc, kc in _pairs(ring.rank, owner, ring.world, opts.causal):
+        yield qi, ki, {
+            "k": k_halves[ki], "v": v_halves[ki], "k_doc": k_docs[ki],
+            "q_start": qc * chunk, "k_start": kc * chunk, "scale": opts.scale,
+            "causal": opts.causal, "fragment_size": opts.fragment_size,
+        }  # fmt: skip
+
+
+def _forward_step(
+    ring: _Ring, owner: int, q: Tensor, q_docs: tuple, block: list[Tensor], opts: _Options,
+    outs: list[Tensor | None], lses: list[Tensor | None],
+) -> None:  # fmt: skip
+    q_halves = _halves(q, 2)
+    for qi, _, kwargs in _block_calls(ring, owner, q, block, opts):
+        out, lse = fragment_forward(q_halves[qi], q_doc=q_docs[qi], **kwargs)
+        if outs[qi] is None:
+            outs[qi], lses[qi] = out, lse
+        else:
+            outs[qi], lses[qi] = merge(outs[qi], lses[qi], out, lse)
+
+
+def _backward_step(
+    ring: _Ring, owner: int, q: Tensor, q_docs: tuple, block: list[Tensor], opts: _Options,
+    dout: Tensor, lse: Tensor, delta: Tensor, dq: Tensor, grads: list[Tensor],
+) -> None:  # fmt: skip
+    """Add this block's contributions to ``dq`` and to the block's ``grads`` (dK, dV)."""
+    q_h, do_h, lse_h, delta_h, dq_h = (_halves(t, 2) for t in (q, dout, lse, delta, dq))
+    dk_h, dv_h = _halves(grads[0], 2), _halves(grads[1], 2)
+    for qi, ki, kwargs in _block_calls(ring, owner, q, block, opts):
+        dq_part, dk_part, dv_part = fragment_backward(
+            q_h[qi], dout=do_h[qi], lse=lse_h[qi], delta=delta_h[qi], q_doc=q_docs[qi], **kwargs
+        )
+        dq_h[qi].add_(dq_part)
+        dk_h[ki].add_(dk_part)
+        dv_h[ki].add_(dv_part)
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -101,9 +168,7 @@ class RingAttention(torch.autograd.Function):
         fragment_size: int,
         scale: float,
     ) -> Tensor:
-        ring = _Ring(group)
-        chunk = q.shape[2] // 2
-        q_halves = _halves(q, 2)
+        ring, opts = _Ring(group), _Options(causal, fragment_size, scale)
         q_docs = _halves(doc_ids, 1)
         outs: list[Tensor | None] = [None, None]
         lses: list[Tensor | None] = [None, None]
@@ -111,25 +176,14 @@ class RingAttention(torch.autograd.Function):
         for step in range(ring.world):
             owner = (ring.rank - step) % ring.world
             incoming = ring.start(block) if step < ring.world - 1 else None
-            k_halves, v_halves = _halves(block[0], 2), _halves(block[1], 2)
-            k_docs = _halves(block[2] if doc_ids is not None else None, 1)
-            for qi, ki, qc, kc in _pairs(ring.rank, owner, ring.world, causal):
-                out, lse = fragment_forward(
-                    q_halves[qi], k_halves[ki], v_halves[ki], scale=scale, causal=causal,
-                    fragment_size=fragment_size, q_start=qc * chunk, k_start=kc * chunk,
-                    q_doc=q_docs[qi], k_doc=k_docs[ki],
-                )  # fmt: skip
-                if outs[qi] is None:
-                    outs[qi], lses[qi] = out, lse
-                else:
-                    outs[qi], lses[qi] = merge(outs[qi], lses[qi], out, lse)
+            _forward_step(ring, owner, q, q_docs, block, opts, outs, lses)
             if incoming is not None:
-                block, works = incoming
-                _wait(works)
+                block, transfer = incoming
+                transfer.wait()
         out = torch.cat(outs, dim=2)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse, *([] if doc_ids is None else [doc_ids]))
-        ctx.options = (group, causal, fragment_size, scale)
+        ctx.group, ctx.opts = group, opts
         return out.to(q.dtype)
 
     @staticmethod
@@ -137,40 +191,28 @@ class RingAttention(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, dout: Tensor
     ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *docs = ctx.saved_tensors
-        group, causal, fragment_size, scale = ctx.options
         doc_ids = docs[0] if docs else None
-        ring = _Ring(group)
-        chunk = q.shape[2] // 2
+        ring, opts = _Ring(ctx.group), ctx.opts
         delta = torch.einsum("bhtd,bhtd->bht", dout.to(lse.dtype), out)
-        q_halves, do_halves = _halves(q, 2), _halves(dout, 2)
-        lse_halves, delta_halves = _halves(lse, 2), _halves(delta, 2)
         q_docs = _halves(doc_ids, 1)
         dq = torch.zeros_like(out)
-        dq_halves = _halves(dq, 2)
         block = [k, v] if doc_ids is None else [k, v, doc_ids]
         grads = [torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)]
         for step in range(ring.world):
             owner = (ring.rank - step) % ring.world
             incoming = ring.start(block) if step < ring.world - 1 else None
-            k_halves, v_halves = _halves(block[0], 2), _halves(block[1], 2)
-            k_docs = _halves(block[2] if doc_ids is not None else None, 1)
-            dk_halves, dv_halves = _halves(grads[0], 2), _halves(grads[1], 2)
-            for qi, ki, qc, kc in _pairs(ring.rank, owner, ring.world, causal):
-                dq_part, dk_part, dv_part = fragment_backward(
-                    q_halves[qi], k_halves[ki], v_halves[ki], do_halves[qi], lse_halves[qi],
-                    delta_halves[qi], scale=scale, causal=causal, fragment_size=fragment_size,
-                    q_start=qc * chunk, k_start=kc * chunk, q_doc=q_docs[qi], k_doc=k_docs[ki],
-                )  # fmt: skip
-                dq_halves[qi].add_(dq_part)
-                dk_halves[ki].add_(dk_part)
-                dv_halves[ki].add_(dv_part)
+            _backward_step(ring, owner, q, q_docs, block, opts, dout, lse, delta, dq, grads)
             # pass this block's gradient accumulators on with the block; after the last
             # step the hand-over returns each accumulator to the rank that owns the keys
-            grads, works = ring.start(grads)
+            transfers = []
+            if ring.world > 1:
+                grads, grads_transfer = ring.start(grads)
+                transfers.append(grads_transfer)
             if incoming is not None:
-                block, kv_works = incoming
-                works = works + kv_works
-            _wait(works)
+                block, kv_transfer = incoming
+                transfers.append(kv_transfer)
+            for transfer in transfers:
+                transfer.wait()
         dk, dv = grads
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
