@@ -77,7 +77,7 @@ class ModelConfig:
     )
     mlp_hidden: int | None = _opt(
         None,
-        "MLP hidden width (default: 4*d_model for seed, ~8/3*d_model rounded for modern).",
+        "MLP hidden width (default: 4 * d_model; SwiGLU's gate doubles the input projection).",
         ge=1,
     )
     context_length: int = _opt(512, "Maximum sequence length in tokens.", ge=2)

@@ -82,7 +82,7 @@ class Generator:
 
     def _window_logits(self, ids: list[int]) -> torch.Tensor:
         window = torch.tensor([ids[-self.context :]], device=self.device)
-        return self.model(window)[0, -1]
+        return self.model(window, last_only=True)[0, -1]
 
     def _cached_logits(self, ids: list[int], new: int) -> torch.Tensor:
         """Feed the last ``new`` ids through the cache, refilling it when it is full."""
@@ -94,7 +94,7 @@ class Generator:
             cache.reset()
             new = min(len(ids), max(self.context // 2, 1))
         fresh = torch.tensor([ids[-new:]], device=self.device)
-        return self.model(fresh, cache=cache)[0, -1]
+        return self.model(fresh, cache=cache, last_only=True)[0, -1]
 
     @torch.no_grad()
     def stream(self, prompt_ids: list[int], generator: torch.Generator) -> Iterator[int]:

@@ -236,13 +236,16 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         cp_group: dist.ProcessGroup | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
         With a ``cache``, ``idx`` continues the cached sequence: positions start at
         ``cache.length`` and the cache advances by T. With ``cp_group`` (context
         parallelism), ``idx`` is this rank's zigzag share of each sequence, ``positions``
-        its positions, and attention runs as ring attention over the group.
+        its positions, and attention runs as ring attention over the group. With
+        ``last_only``, logits only for the last position (B, 1, vocab): all that sampling
+        needs, without the output projection of every prompt token.
         """
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -260,4 +263,6 @@ class Transformer(nn.Module):
             x = block(x, rope, doc_ids, cache, cp_group)
         if cache is not None:
             cache.advance(idx.shape[1])
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.norm(x))

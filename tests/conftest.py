@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Test models are tiny: extra threads only add waiting, a lot of it when other processes
+# (the suite's own subprocesses and ranks) share the cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 # Corpora that tests write are cached by `datasets` in a throwaway folder, not in ~/.cache,
 # and its progress bars stay out of the captured stderr that tests read.
 _HF_CACHE = tempfile.mkdtemp(prefix="fraglm-tests-hf-")

@@ -63,10 +63,10 @@ class BigramStub(nn.Module):
         self.vocab_size = table.shape[1]
         self.table = nn.Parameter(table.float(), requires_grad=False)
 
-    def forward(self, idx: torch.Tensor, *, cache=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, cache=None, last_only: bool = False) -> torch.Tensor:
         if cache is not None:
             cache.advance(idx.shape[1])
-        return self.table[idx]
+        return self.table[idx[:, -1:] if last_only else idx]
 
 
 def chain(vocab: int, links: dict[int, int]) -> torch.Tensor:
@@ -87,16 +87,6 @@ def random_prompt(length: int, vocab: int, seed: int = 1) -> list[int]:
     return torch.randint(
         4, vocab, (length,), generator=torch.Generator().manual_seed(seed)
     ).tolist()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These models are tiny: a second thread only adds waiting, a lot of it when other
-    processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
