@@ -268,6 +268,24 @@ def eval_(
     )
 
 
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    run: RunOption = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="Export format: hf (Hugging Face Llama).")
+    ] = "hf",
+    checkpoint: CheckpointOption = "best",
+) -> None:
+    """Write a trained run as a Hugging Face model directory (AutoModelForCausalLM)."""
+    from fraglm.export import export_hf
+
+    if format_ != "hf":
+        raise FraglmError(f"--format must be hf, not {format_!r}")
+    path = export_hf(run, out, which=_checkpoint_choice(checkpoint))
+    typer.echo(f"exported to {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

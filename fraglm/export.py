@@ -1,0 +1,113 @@
+"""``fraglm export --format hf``: a trained run as a Hugging Face Llama model directory.
+
+The modern architecture is Llama's (RMSNorm, rotate-half RoPE, SwiGLU, no biases, tied
+embeddings), so export renames and splits weights: the fused qkv projection into q/k/v,
+the fused gate/up projection into gate/up. The result loads with
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fraglm.config import END, PAD, Config
+from fraglm.errors import FraglmError
+from fraglm.model import Transformer, kv_heads, mlp_hidden_size
+from fraglm.run import load_run
+
+
+def llama_config(cfg: Config, vocab_size: int, *, end_id: int, pad_id: int) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": m.d_model,
+        "intermediate_size": mlp_hidden_size(m),
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": kv_heads(m),
+        "head_dim": m.d_model // m.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.context_length,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": end_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": "float32",
+    }
+
+
+def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """fraglm weights under Llama's names (the tied output head is not stored twice)."""
+    m = model.cfg
+    head_dim = m.d_model // m.n_heads
+    q_size, kv_size = m.n_heads * head_dim, kv_heads(m) * head_dim
+    state = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+    }
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
+        gate, up = block.mlp.up.weight.chunk(2)
+        state |= {
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.down.weight,
+        }
+    return {name: t.detach().to(torch.float32).contiguous().clone() for name, t in state.items()}
+
+
+def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path:
+    """Write a Hugging Face model directory for a run; returns ``out``."""
+    loaded = load_run(run, which=which, device="cpu")
+    if loaded.cfg.model.arch != "modern":
+        raise FraglmError(
+            f"export to Hugging Face supports model.arch = 'modern' (Llama layout); "
+            f"{loaded.run_dir} uses '{loaded.cfg.model.arch}' (learned positions, LayerNorm, GELU)"
+        )
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        raise FraglmError('export needs transformers: pip install -e ".[hf]"') from None
+    tokenizer = loaded.tokenizer
+    end_id, pad_id = tokenizer.token_to_id(END), tokenizer.token_to_id(PAD)
+    vocab = loaded.model.vocab_size
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    config = llama_config(loaded.cfg, vocab, end_id=end_id, pad_id=pad_id)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"eos_token_id": end_id, "pad_token_id": pad_id}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(
+        llama_state_dict(loaded.model), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END,
+        pad_token=PAD,
+        model_max_length=config["max_position_embeddings"],
+    )
+    hf_tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

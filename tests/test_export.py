@@ -1,0 +1,81 @@
+"""Hugging Face export: the exported Llama model computes what fraglm computes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fraglm.config import SampleConfig, load_config
+from fraglm.export import export_hf
+from fraglm.generate import Generator, make_rng
+from fraglm.run import load_run
+from fraglm.train import train
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trained(tmp_path: Path, *overrides: str) -> Path:
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            f"data.path={ROOT / 'data/sample_health_qa.jsonl'}",
+            f"data.tokenized_dir={tmp_path / 'tokens'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.max_steps=12",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("export")
+    run_dir = _trained(tmp, "model.n_kv_heads=2")  # grouped-query attention too
+    return run_dir, export_hf(run_dir, tmp / "hf")
+
+
+def test_exported_logits_match(exported):
+    run_dir, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    run = load_run(run_dir, device="cpu")
+    text = "<|Q|>I have a headache and a fever<|A|>Rest and drink water."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == run.tokenizer.encode(text).ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, run.model(ids), rtol=0, atol=1e-4)
+
+
+def test_exported_greedy_generation_matches(exported):
+    run_dir, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    run = load_run(run_dir, device="cpu")
+    prompt = run.tokenizer.encode("<|Q|>How do I sleep better?<|A|>").ids
+    ours = Generator(run.model, SampleConfig(temperature=0, max_new_tokens=24), frozenset())
+    expected = list(ours.stream(prompt, make_rng(0)))
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert got[0, len(prompt) :].tolist() == expected
+
+
+def test_cli_export_writes_a_loadable_directory(exported, run_cli, tmp_path):
+    run_dir, _ = exported
+    result = run_cli("export", "--run", run_dir, "--out", tmp_path / "hf")
+    assert result.exit_code == 0, result.stderr
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
+
+
+def test_seed_architecture_refuses_export(tmp_path, run_cli):
+    run_dir = _trained(tmp_path, "model.arch=seed")
+    run_cli("export", "--run", run_dir, "--out", tmp_path / "hf").assert_user_error(
+        "supports model.arch = 'modern'"
+    )
+    assert not (tmp_path / "hf").exists()
+
+
+def test_unknown_format_is_an_error(exported, run_cli, tmp_path):
+    run_dir, _ = exported
+    result = run_cli("export", "--run", run_dir, "--format", "gguf", "--out", tmp_path / "x")
+    result.assert_user_error("--format must be hf")
