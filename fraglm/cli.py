@@ -286,6 +286,22 @@ def export(
     typer.echo(f"exported to {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
 
 
+@app.command()
+def plot(
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path(
+        "curves.png"
+    ),
+    run: Annotated[
+        list[str] | None,
+        typer.Option("--run", "-r", help="Run to plot (repeatable; default: most recent)."),
+    ] = None,
+) -> None:
+    """Plot loss, perplexity and learning rate against tokens seen (needs the viz extra)."""
+    from fraglm.plot import plot_runs
+
+    typer.echo(f"wrote {plot_runs(run or [None], out)}")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

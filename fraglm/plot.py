@@ -1,0 +1,62 @@
+"""``fraglm plot``: training curves of one or more runs, from their metrics.jsonl."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fraglm.errors import FraglmError
+from fraglm.run import find_run
+from fraglm.tracking import read_metrics
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise FraglmError('plotting needs matplotlib: pip install -e ".[viz]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["tokens"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(runs: list[str | None], out: Path) -> Path:
+    """Loss, validation perplexity and learning rate against tokens seen, one colour a run."""
+    plt = _pyplot()
+    curves = []
+    for run in runs:
+        run_dir = find_run(run)
+        records = read_metrics(run_dir)
+        if not records:
+            raise FraglmError(f"{run_dir} has no metrics yet ({run_dir}/metrics.jsonl)")
+        curves.append((run_dir.name, records))
+    fig, (loss_ax, ppl_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for index, (name, records) in enumerate(curves):
+        color = f"C{index}"
+        loss_ax.plot(*_series(records, "train_loss"), color=color, alpha=0.8, label=f"{name} train")
+        tokens, val = _series(records, "val_loss")
+        loss_ax.plot(tokens, val, "o--", color=color, label=f"{name} val")
+        ppl_ax.plot(tokens, [math.exp(min(v, 50.0)) for v in val], "o-", color=color, label=name)
+        lr_ax.plot(*_series(records, "lr"), color=color, label=name)
+    for ax, title in (
+        (loss_ax, "loss"),
+        (ppl_ax, "validation perplexity"),
+        (lr_ax, "learning rate"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("tokens seen")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ppl_ax.set_yscale("log")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
