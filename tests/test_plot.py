@@ -6,7 +6,7 @@ import math
 import pytest
 
 pytest.importorskip("matplotlib")
-from PIL import Image  # noqa: E402  (matplotlib brings pillow)
+from PIL import Image  # matplotlib brings pillow
 
 
 def _run_dir(tmp_path, name, slope):
