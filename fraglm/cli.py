@@ -302,6 +302,23 @@ def plot(
     typer.echo(f"wrote {plot_runs(run or [None], out)}")
 
 
+@app.command("attention")
+def attention_map(
+    text: Annotated[str, typer.Argument(help="Prompt whose attention to draw.")],
+    run: RunOption = None,
+    layer: Annotated[str, typer.Option(help="Layer index, or 'all' for a grid.")] = "0",
+    head: Annotated[str, typer.Option(help="Head index, or 'all' for a grid.")] = "0",
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path(
+        "attention.png"
+    ),
+    raw: Raw = False,
+) -> None:
+    """Draw attention weights over the prompt's tokens (needs the viz extra)."""
+    from fraglm.inspect_attention import draw_attention
+
+    typer.echo(f"wrote {draw_attention(run, text, layer=layer, head=head, out=out, raw=raw)}")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""

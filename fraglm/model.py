@@ -105,14 +105,10 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        doc_ids: torch.Tensor | None,
-        cache: KVCache | None,
-        cp_group: dist.ProcessGroup | None,
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, hd), keys and values (B, Hkv, T, hd), positions applied."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(
             [
@@ -127,6 +123,18 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        doc_ids: torch.Tensor | None,
+        cache: KVCache | None,
+        cp_group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         if cp_group is not None:
