@@ -9,7 +9,7 @@ import torch
 from fraglm.attention.maps import attention_weights
 from fraglm.errors import FraglmError
 from fraglm.generate import prompt_text
-from fraglm.plot import _pyplot
+from fraglm.plot import pyplot
 from fraglm.run import LoadedRun, load_run
 
 
@@ -58,7 +58,7 @@ def draw_attention(
     run_name: str | None, text: str, *, layer: str, head: str, out: Path, raw: bool = False
 ) -> Path:
     """Heatmap of one layer/head, or a grid when ``layer`` or ``head`` is ``all``."""
-    plt = _pyplot()
+    plt = pyplot()
     run = load_run(run_name, device="cpu")
     layers = _selection(layer, run.cfg.model.n_layers, "layer")
     heads = _selection(head, run.cfg.model.n_heads, "head")

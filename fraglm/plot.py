@@ -11,7 +11,7 @@ from fraglm.run import find_run
 from fraglm.tracking import read_metrics
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -29,7 +29,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 def plot_runs(runs: list[str | None], out: Path) -> Path:
     """Loss, validation perplexity and learning rate against tokens seen, one colour a run."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = []
     for run in runs:
         run_dir = find_run(run)

@@ -1,5 +1,6 @@
 """Hugging Face export: the exported Llama model computes what fraglm computes."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,10 @@ def test_unknown_format_is_an_error(exported, run_cli, tmp_path):
     run_dir, _ = exported
     result = run_cli("export", "--run", run_dir, "--format", "gguf", "--out", tmp_path / "x")
     result.assert_user_error("--format must be hf")
+
+
+def test_missing_hf_extra_gives_an_install_hint(exported, run_cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    run_dir, _ = exported
+    result = run_cli("export", "--run", run_dir, "--out", tmp_path / "hf")
+    result.assert_user_error('pip install -e ".[hf]"')

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -41,3 +42,9 @@ def test_run_without_metrics_is_an_error(tmp_path, run_cli):
     result = run_cli("plot", "--run", tmp_path / "empty", "--out", tmp_path / "x.png")
     result.assert_user_error("has no metrics")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_viz_extra_gives_an_install_hint(tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    result = run_cli("plot", "--run", _run_dir(tmp_path, "a", 0.5), "--out", tmp_path / "c.png")
+    result.assert_user_error('pip install -e ".[viz]"')
