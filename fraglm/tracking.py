@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,17 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line cut short by a crash mid-write is skipped."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 class Tracker:
@@ -65,9 +73,8 @@ def _start_wandb(run_dir: Path, cfg: Config, *, resume: bool) -> Any:
             "logging.wandb is on but wandb is not installed (pip install wandb)"
         ) from None
     id_file = run_dir / WANDB_ID_FILE
-    run_id = (
-        id_file.read_text().strip() if resume and id_file.is_file() else wandb.util.generate_id()
-    )
+    # our own id: wandb.util.generate_id is gone from recent wandb releases
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
     write_text_atomic(id_file, run_id)
     try:
         return wandb.init(
