@@ -185,6 +185,14 @@ class Trainer:
 
     def save(self, *, best: bool = False) -> None:
         """Checkpoint (rank 0 only: all ranks hold the same weights and optimizer state)."""
+        # A finite loss does not mean finite weights after the step (inf gradients, a huge
+        # lr); never let such weights replace the last good checkpoint. Every rank checks
+        # its identical copy, so all ranks stop together.
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            raise FraglmError(
+                f"weights became non-finite at step {self.step}; the last good checkpoint in "
+                f"{self.run_dir} is kept (try a lower train.lr)"
+            )
         if not self.env.is_main:
             return
         pointers = ("latest", "best") if best else ("latest",)
