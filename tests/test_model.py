@@ -1,0 +1,269 @@
+"""The transformer: parameter budget, weight tying, backends, KV cache, initialisation, RoPE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fraglm.config import ModelConfig, load_config
+from fraglm.model import KVCache, RotaryEmbedding, Transformer, apply_rope
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 8000  # the p100 and seed presets' BPE vocabulary
+TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=32, fragment_size=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster without OpenMP threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def preset(name: str) -> ModelConfig:
+    return load_config(REPO_ROOT / "configs" / f"{name}.yaml").model
+
+
+def build(cfg: ModelConfig, vocab: int = 50, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg, vocab)
+
+
+# parameter budget and weight tying
+
+
+def test_modern_p100_model_has_about_3m_parameters():
+    cfg = preset("p100")
+    assert cfg.arch == "modern" and cfg.mlp_hidden is None
+    d, layers, hidden = cfg.d_model, cfg.n_layers, 4 * cfg.d_model
+    per_layer = (
+        d * 3 * d  # fused q, k, v (no biases)
+        + d * d  # attention output
+        + d * 2 * hidden  # fused SwiGLU gate and up
+        + hidden * d  # down
+        + 2 * d  # two RMSNorm weights
+    )
+    expected = VOCAB * d + layers * per_layer + d  # tied embedding/head, final RMSNorm
+    model = Transformer(cfg, VOCAB)
+    assert model.num_parameters() == expected == 3_123_328
+
+
+def test_seed_preset_has_about_3_7m_parameters():
+    cfg = preset("seed")
+    assert cfg.arch == "seed"
+    d, layers, hidden = cfg.d_model, cfg.n_layers, 4 * cfg.d_model
+    per_layer = (
+        (d * 3 * d + 3 * d)  # q, k, v with biases
+        + (d * d + d)  # attention output
+        + (d * hidden + hidden)  # GELU up
+        + (hidden * d + d)  # down
+        + 2 * 2 * d  # two LayerNorms (weight and bias)
+    )
+    expected = (
+        VOCAB * d  # token embedding
+        + cfg.context_length * d  # learned positions
+        + layers * per_layer
+        + 2 * d  # final LayerNorm
+        + (d * VOCAB + VOCAB)  # untied head with bias
+    )
+    model = Transformer(cfg, VOCAB)
+    assert model.num_parameters() == expected == 3_707_968
+
+
+def test_modern_ties_the_head_to_the_embedding():
+    model = build(TINY)
+    assert model.head.weight is model.embed.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "embed.weight" in names and "head.weight" not in names  # one tensor, counted once
+    with torch.no_grad():
+        model.embed.weight[3].zero_()
+    assert not model.head.weight[3].any()
+
+
+def test_seed_has_an_untied_head():
+    model = build(replace(TINY, arch="seed"))
+    assert model.head.weight is not model.embed.weight
+    assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
+    assert model.head.bias is not None
+
+
+@pytest.mark.parametrize("arch", ["modern", "seed"])
+def test_forward_gives_logits_for_every_position(arch):
+    model = build(replace(TINY, arch=arch), vocab=50)
+    logits = model(torch.randint(0, 50, (3, 11)))
+    assert logits.shape == (3, 11, 50)
+    assert logits.dtype == torch.float32 and logits.isfinite().all()
+
+
+def test_seed_refuses_positions_past_its_learned_table():
+    cfg = replace(TINY, arch="seed")
+    model = build(cfg)
+    with pytest.raises(ValueError, match="past the learned positions"):
+        model(torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
+
+
+# backends
+
+
+def _logits_and_grads(
+    cfg: ModelConfig, idx: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = build(cfg).double()
+    logits = model(idx, doc_ids=doc_ids)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["modern", "seed"])
+@pytest.mark.parametrize("documents", [False, True], ids=["one doc", "packed docs"])
+def test_attention_backends_agree_on_logits_and_gradients(arch, documents):
+    cfg = replace(TINY, arch=arch, n_kv_heads=2)  # GQA too
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 50, (2, 18), generator=gen)  # not a multiple of the fragment size
+    targets = torch.randint(0, 50, (2, 18), generator=gen)
+    doc_ids = None
+    if documents:
+        doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 4, [0] * 11 + [1] * 7])
+    ref_logits, ref_grads = _logits_and_grads(
+        replace(cfg, attention="naive"), idx, targets, doc_ids
+    )
+    for backend in ("fragment", "sdpa"):
+        logits, grads = _logits_and_grads(replace(cfg, attention=backend), idx, targets, doc_ids)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+        assert grads.keys() == ref_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_documents_do_not_see_each_other():
+    """With doc_ids, a document's logits do not depend on the document packed before it."""
+    model = build(replace(TINY, attention="fragment")).eval()
+    gen = torch.Generator().manual_seed(2)
+    first, second = (torch.randint(0, 50, (1, n), generator=gen) for n in (7, 9))
+    packed = torch.cat([first, second], dim=1)
+    other = torch.cat([torch.randint(0, 50, (1, 7), generator=gen), second], dim=1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    a, b = model(packed, doc_ids=doc_ids), model(other, doc_ids=doc_ids)
+    # RoPE is relative, so the second document's logits are the same whatever precedes it
+    torch.testing.assert_close(a[:, 7:], b[:, 7:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, 7:], model(packed)[:, 7:], atol=1e-3)
+
+
+# KV cache
+
+
+@pytest.mark.parametrize("backend", ["fragment", "sdpa", "naive"])
+@pytest.mark.parametrize(
+    ("arch", "kv"), [("modern", None), ("seed", None), ("modern", 2), ("modern", 1)]
+)
+def test_cached_decoding_equals_the_full_forward(arch, kv, backend):
+    cfg = replace(TINY, arch=arch, n_kv_heads=kv, attention=backend)
+    model = build(cfg).eval()
+    idx = torch.randint(0, 50, (2, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(cfg, 2, device="cpu", dtype=torch.float32)
+        pieces = [model(idx[:, :6], cache=cache)]  # prefill
+        pieces.append(model(idx[:, 6:9], cache=cache))  # a chunk continuing the cache
+        pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(9, 21)]  # one by one
+    assert cache.length == 21
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_refuses_to_overflow():
+    cfg = replace(TINY, context_length=8)
+    model = build(cfg).eval()
+    cache = KVCache(cfg, 1, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 8 positions"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+# initialisation and RoPE
+
+
+@pytest.mark.parametrize("arch", ["modern", "seed"])
+def test_residual_projections_start_smaller(arch):
+    """GPT-2 style: projections into the residual stream get std 0.02 / sqrt(2 * n_layers)."""
+    cfg = ModelConfig(arch=arch, n_layers=8, d_model=128, n_heads=8)
+    model = build(cfg, vocab=1000)
+    residual = 0.02 / math.sqrt(2 * cfg.n_layers)
+    for block in model.blocks:
+        for weight in (block.attn.out.weight, block.mlp.down.weight):
+            assert float(weight.detach().std()) == pytest.approx(residual, rel=0.05)
+        for weight in (block.attn.qkv.weight, block.mlp.up.weight):
+            assert float(weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert float(model.embed.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    if arch == "seed":
+        assert not model.blocks[0].attn.qkv.bias.any()
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(head_dim=16, theta=10000.0)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+
+    def score(m: int, n: int) -> float:
+        cos, sin = rope(torch.tensor([m, n]))
+        return float(apply_rope(q, cos[0], sin[0]) @ apply_rope(k, cos[1], sin[1]))
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
+    assert score(0, 0) == pytest.approx(float(q @ k), rel=1e-5)  # position 0 is the identity
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_modern_matches_hugging_face_llama():
+    """Same weights, same logits: the modern arch is Llama (rotate-half RoPE, SwiGLU, RMSNorm)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = replace(TINY, n_kv_heads=2, attention="sdpa")
+    model = build(cfg).eval()
+    hidden, head_dim = 4 * cfg.d_model, cfg.d_model // cfg.n_heads
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=50,
+            hidden_size=cfg.d_model,
+            intermediate_size=hidden,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.context_length,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+    ).eval()
+    q_size, kv_size = cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
+    weights = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+    }
+    for i, block in enumerate(model.blocks):
+        q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
+        gate, up = block.mlp.up.weight.chunk(2)
+        prefix = f"model.layers.{i}."
+        weights |= {
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.down.weight,
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+        }
+    missing, unexpected = llama.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    idx = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), llama(idx).logits, rtol=1e-5, atol=1e-5)
