@@ -1,0 +1,290 @@
+"""Benchmark a full training step of the p100 model shape: fraglm vs Hugging Face Llama.
+
+One step is forward, cross-entropy (fp32 logits), backward and an AdamW step, on random
+token windows of the p100 shape (8 layers, width 128, 8 heads, context 512, vocabulary
+8000). Compared models:
+
+- fraglm's modern ``Transformer`` with the attention backends in ``--backends``;
+- ``transformers``' ``LlamaForCausalLM`` of the same shape and batch: same hidden size,
+  layers and heads, ``intermediate_size`` = fraglm's MLP width, tied embeddings,
+  ``attn_implementation="sdpa"`` (skipped with a note when transformers is missing).
+
+Both get the same tokens, the same loss code and the same optimizer. The variants run
+round-robin, one step each in turn, so a load change on a shared machine hits all alike.
+
+Reported per variant:
+
+- tokens/s: batch * context / step time, median over ``--steps`` steps after
+  ``--warmup`` steps;
+- resident MiB: weights + AdamW state (what lives between steps);
+- step peak MiB: the most memory allocated during one step beyond the resident memory
+  (activations saved for backward, gradients, temporaries). On CUDA from
+  ``torch.cuda.max_memory_allocated``; on CPU the running sum of the allocation and free
+  events that the profiler records in the CPU allocator
+  (``torch.profiler.profile(profile_memory=True)``), which also sees buffers that ATen
+  kernels allocate internally; the profiled step is not one of the timed steps;
+- MFU: achieved FLOP/s / the device's measured matmul peak. Peak = best of several large
+  square matmuls in the compute dtype (fp32 on CPU). FLOPs per token follow PaLM
+  (Chowdhery et al. 2022, appendix B):
+  ``6 * N + 12 * L * T * d`` with N = non-embedding parameters + ``d * V`` (the output
+  projection is a matmul every token even though its weight is the tied embedding),
+  L layers, T context, d width; the attention term counts the full T x T score matrix,
+  as is customary, though causal kernels skip half of it.
+
+Example: python scripts/bench_train.py --steps 10            (CPU: batch 8, fp32)
+         python scripts/bench_train.py --device cuda         (batch 32, bf16 on sm_80+)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from fraglm.config import load_config
+from fraglm.device import Precision, resolve_device, resolve_precision
+from fraglm.model import Transformer, mlp_hidden_size
+
+P100_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "p100.yaml"
+VOCAB = 8000
+
+
+@dataclass
+class Variant:
+    name: str
+    attention: str
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    times: list[float]
+    resident_mib: float = 0.0
+    peak_mib: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 32 on CUDA")
+    p.add_argument("--backends", nargs="+", default=["sdpa", "fragment"],
+                   choices=["sdpa", "fragment", "naive"])  # fmt: skip
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: bf16 autocast on CUDA sm_80+, fp16 below, fp32 on CPU")  # fmt: skip
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers model")
+    return p.parse_args(argv)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), name)
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Best FLOP/s of a large square matmul on ``device`` in ``dtype``."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(10 if device.type == "cuda" else 5):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def flops_per_token(n_layers: int, d_model: int, context: int, n_matmul: int) -> float:
+    return 6 * n_matmul + 12 * n_layers * context * d_model
+
+
+def hf_llama(cfg, device: torch.device) -> nn.Module | None:
+    """LlamaForCausalLM of fraglm's shape, or None when transformers is not installed."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=cfg.d_model,
+        intermediate_size=mlp_hidden_size(cfg),
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.context_length,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).to(device)
+
+
+def train_step(
+    variant: Variant,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: torch.Tensor,
+    precision: Precision,
+) -> None:
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with precision.context(batch.device):
+        logits = variant.forward(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def resident_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    tensors = {p.data_ptr(): p for p in model.parameters()}
+    for state in optimizer.state.values():
+        tensors.update({t.data_ptr(): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+def step_peak_mib(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory allocated during one step beyond what was allocated before it."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[Variant]:
+    variants = []
+    for backend in args.backends:
+        torch.manual_seed(0)
+        model = Transformer(replace(cfg, attention=backend), VOCAB).to(device)
+        variants.append(Variant("fraglm", backend, model, model, []))
+    if not args.no_hf:
+        torch.manual_seed(0)
+        llama = hf_llama(cfg, device)
+        if llama is None:
+            print("note: transformers is not installed; the Llama comparison is skipped\n")
+        else:
+            import transformers
+
+            variants.append(
+                Variant(
+                    f"HF Llama (transformers {transformers.__version__})",
+                    "sdpa",
+                    llama,
+                    lambda x, m=llama: m(input_ids=x, use_cache=False).logits,
+                    [],
+                )
+            )
+    return variants
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+    cfg = load_config(P100_CONFIG).model
+    context = cfg.context_length
+
+    variants = build_variants(args, cfg, device)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, VOCAB, (batch_size, context + 1), generator=gen).to(device)
+    runs = []
+    for variant in variants:
+        optimizer = torch.optim.AdamW(
+            variant.model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda"
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+        step = functools.partial(train_step, variant, optimizer, scaler, batch, precision)
+        for _ in range(args.warmup):
+            step()
+        variant.resident_mib = resident_mib(variant.model, optimizer)
+        variant.peak_mib = step_peak_mib(step, device)
+        runs.append((variant, step))
+    for _ in range(args.steps):
+        for variant, step in runs:
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            variant.times.append(time.perf_counter() - start)
+
+    compute_dtype = precision.dtype if precision.autocast else torch.float32
+    peak = matmul_peak(device, compute_dtype)
+    embedding = VOCAB * cfg.d_model
+    non_embedding = sum(p.numel() for p in variants[0].model.parameters()) - embedding
+    # the input embedding is a lookup, but the tied output projection is a d x V matmul
+    fpt = flops_per_token(cfg.n_layers, cfg.d_model, context, non_embedding + embedding)
+    tokens = batch_size * context
+
+    print(f"Machine: {machine(device)}; precision {precision.name}")
+    print(
+        f"Shape: {cfg.n_layers} layers, d={cfg.d_model}, {cfg.n_heads} heads, T={context}, "
+        f"V={VOCAB}, batch {batch_size}; median of {args.steps} steps after {args.warmup} "
+        f"warm-up steps"
+    )
+    print(
+        f"Matmul peak ({str(compute_dtype).removeprefix('torch.')}): {peak / 1e9:,.1f} GFLOP/s; "
+        f"{fpt / 1e6:.1f} MFLOP per token\n"
+    )
+    hf = next((v for v in variants if v.name.startswith("HF")), None)
+    print(
+        "| model | attention | params | tokens/s | ms/step | resident MiB | step peak MiB "
+        "| MFU | tokens/s vs HF |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        rate = tokens / v.seconds
+        params = sum(p.numel() for p in v.model.parameters())
+        versus = f"{hf.seconds / v.seconds:.2f}x" if hf is not None else ""
+        print(
+            f"| {v.name} | {v.attention} | {params:,} | {rate:,.0f} | {1000 * v.seconds:,.0f} "
+            f"| {v.resident_mib:.1f} | {v.peak_mib:,.0f} | {100 * rate * fpt / peak:.1f}% "
+            f"| {versus} |"
+        )
+    if hf is not None:
+        sdpa = next((v for v in variants if v.name == "fraglm" and v.attention == "sdpa"), None)
+        if sdpa is not None:
+            ratio = hf.seconds / sdpa.seconds
+            verdict = "met" if ratio >= 1.2 else "NOT met"
+            print(f"\nfraglm (sdpa) / HF Llama tokens/s = {ratio:.2f} (target >= 1.2: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
