@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -95,6 +96,11 @@ def machine(device: torch.device) -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         name = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), name)
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    """Other processes on the machine skew timings; the load average tells (Unix only)."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def sync(device: torch.device) -> None:
@@ -173,12 +179,13 @@ def bench_length(args: argparse.Namespace, dtype_name: str, n: int) -> list[Resu
         if skip:
             continue
         step = make_step(variant, fragment, args, dtype, n)
-        try:
-            step()  # warm-up; also finds kernels that do not support this case
+        try:  # also finds kernels that do not support this case
+            if device.type == "cuda":
+                step()  # warm-up: cuBLAS handles and workspaces are not the step's memory
+            result.peak_mib = peak_mib(step, device)  # on CPU this run is the warm-up
         except RuntimeError as err:
             result.note = f"n/a: {str(err).splitlines()[0][:60]}"
             continue
-        result.peak_mib = peak_mib(step, device)
         steps.append((result, step, []))
     for _ in range(args.repeats):
         for _, step, times in steps:
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     kv = f", Hkv={args.kv_heads}" if args.kv_heads else ""
+    load_start = load_average()
     print(f"Machine: {machine(device)}")
     print(
         f"Shape: B={args.batch}, H={args.heads}{kv}, D={args.head_dim}, causal; -doc variants "
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             results += bench_length(args, dtype_name, n)
             print(f"done T={n} {dtype_name}", file=sys.stderr, flush=True)
     print(table(results))
+    print(f"\nLoad average (1, 5, 15 min) at start {load_start}, at end {load_average()}")
     lines = targets(results)
     if lines:
         print("\nTargets:\n" + "\n".join(lines))
