@@ -14,8 +14,7 @@ import torch
 
 from fraglm.attention.ring import zigzag_indices
 from fraglm.config import ANSWER, END, QUESTION, Config
-
-IGNORE_INDEX = -100
+from fraglm.loss import IGNORE_INDEX
 
 
 @dataclass

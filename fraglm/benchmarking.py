@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -54,7 +55,8 @@ def median_seconds(step: Callable[[], None], device: torch.device, repeats: int)
 def machine(device: torch.device) -> str:
     """One line naming the hardware and torch build, for benchmark records."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return f"{name}; torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        name = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), name)
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from fraglm.batches import IGNORE_INDEX, Batch, WindowSampler, make_sampler
+from fraglm.batches import Batch, WindowSampler, make_sampler
 from fraglm.data import TOKENIZER_FILE, load_records, load_tokens, make_documents, read_meta
 from fraglm.device import Precision, resolve_precision
 from fraglm.errors import FraglmError
@@ -25,17 +24,15 @@ def token_loss_sum(
     precision: Precision,
     cp_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy over the batch's counted target tokens (fp32 logits)."""
+    """Summed cross-entropy over the batch's counted target tokens (fp32)."""
     with precision.context(batch.inputs.device):
-        logits = model(
-            batch.inputs, doc_ids=batch.doc_ids, positions=batch.positions, cp_group=cp_group
+        return model(
+            batch.inputs,
+            doc_ids=batch.doc_ids,
+            positions=batch.positions,
+            cp_group=cp_group,
+            targets=batch.targets,
         )
-    return F.cross_entropy(
-        logits.float().view(-1, logits.shape[-1]),
-        batch.targets.view(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 from fraglm.attention import attention
 from fraglm.attention.ring import ring_attention
 from fraglm.config import ModelConfig
+from fraglm.loss import linear_cross_entropy_sum
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -245,6 +246,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cp_group: dist.ProcessGroup | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
@@ -253,7 +255,9 @@ class Transformer(nn.Module):
         parallelism), ``idx`` is this rank's zigzag share of each sequence, ``positions``
         its positions, and attention runs as ring attention over the group. With
         ``last_only``, logits only for the last position (B, 1, vocab): all that sampling
-        needs, without the output projection of every prompt token.
+        needs, without the output projection of every prompt token. With ``targets``
+        (B, T; -100 where a token does not count), the summed cross-entropy instead of
+        logits, through the fused head (:mod:`fraglm.loss`), which never holds all logits.
         """
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -271,6 +275,11 @@ class Transformer(nn.Module):
             x = block(x, rope, doc_ids, cache, cp_group)
         if cache is not None:
             cache.advance(idx.shape[1])
+        if targets is not None:
+            hidden = self.norm(x).flatten(0, 1)
+            return linear_cross_entropy_sum(
+                hidden, self.head.weight, self.head.bias, targets.flatten()
+            )
         if last_only:
             x = x[:, -1:]
         return self.head(self.norm(x))

@@ -38,9 +38,7 @@ Example: python scripts/bench_train.py --steps 10            (CPU: batch 8, fp32
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -51,8 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
+from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import load_config
 from fraglm.device import Precision, resolve_device, resolve_precision
 from fraglm.model import Transformer, mlp_hidden_size
@@ -66,7 +64,7 @@ class Variant:
     name: str
     attention: str
     model: nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean
     times: list[float]
     resident_mib: float = 0.0
     peak_mib: float = 0.0
@@ -88,20 +86,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto: bf16 autocast on CUDA sm_80+, fp16 below, fp32 on CPU")  # fmt: skip
     p.add_argument("--no-hf", action="store_true", help="skip the transformers model")
     return p.parse_args(argv)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        name = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), name)
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -154,8 +138,7 @@ def train_step(
 ) -> None:
     inputs, targets = batch[:, :-1], batch[:, 1:]
     with precision.context(batch.device):
-        logits = variant.forward(inputs)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = variant.loss(inputs, targets)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -169,31 +152,15 @@ def resident_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
-def step_peak_mib(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory allocated during one step beyond what was allocated before it."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[Variant]:
     variants = []
     for backend in args.backends:
         torch.manual_seed(0)
         model = Transformer(replace(cfg, attention=backend), VOCAB).to(device)
-        variants.append(Variant("fraglm", backend, model, model, []))
+        # the trainer's own path: the fused head + cross-entropy of fraglm.loss
+        variants.append(
+            Variant("fraglm", backend, model, lambda x, y, m=model: m(x, targets=y) / y.numel(), [])
+        )
     if not args.no_hf:
         torch.manual_seed(0)
         llama = hf_llama(cfg, device)
@@ -207,7 +174,9 @@ def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[
                     f"HF Llama (transformers {transformers.__version__})",
                     "sdpa",
                     llama,
-                    lambda x, m=llama: m(input_ids=x, use_cache=False).logits,
+                    lambda x, y, m=llama: F.cross_entropy(
+                        m(input_ids=x, use_cache=False).logits.float().flatten(0, 1), y.flatten()
+                    ),
                     [],
                 )
             )
@@ -235,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.warmup):
             step()
         variant.resident_mib = resident_mib(variant.model, optimizer)
-        variant.peak_mib = step_peak_mib(step, device)
+        variant.peak_mib = peak_mib(step, device)
         runs.append((variant, step))
     for _ in range(args.steps):
         for variant, step in runs:

@@ -1,0 +1,93 @@
+"""Output projection and cross-entropy fused, a chunk of rows at a time.
+
+The plain head materialises logits of shape (tokens, vocab) three times over (logits,
+log-probabilities, their gradient): for the p100 shape at batch 8 that is 8 x 512 x 8000
+fp32 values, 131 MB each, and most of a training step's peak memory. Here each chunk of
+rows goes through ``logits = h W^T + b``, its log-sum-exp, its loss and, straight away, its
+gradients ``dh = (P - Y) W`` and ``dW += (P - Y)^T h``: the forward pass does the backward
+pass's work, nothing of vocabulary size outlives a chunk, and the backward pass only scales
+the stored gradients by the incoming gradient of the loss (a scalar).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 1 << 21  # rows x vocab per chunk: 8 MB of fp32 logits
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        compute_dtype: torch.dtype,
+    ) -> Tensor:
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        chunk = max(1, _CHUNK_ELEMENTS // vocab)
+        w = weight.to(compute_dtype)
+        needs_grad = any(ctx.needs_input_grad[:3])
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, rows, chunk):
+            h = hidden[start : start + chunk].to(compute_dtype)
+            target = targets[start : start + chunk]
+            logits = (h @ w.t()).to(acc)
+            if bias is not None:
+                logits += bias.to(acc)
+            counted = target != IGNORE_INDEX
+            safe_target = target.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_target).squeeze(1)
+            total += ((lse - picked) * counted).sum()
+            if not needs_grad:
+                continue
+            # dLoss/dlogits = softmax - onehot(target), zero on ignored rows; in place
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, safe_target, torch.full_like(picked[:, None], -1.0))
+            grad.mul_(counted[:, None])
+            grad_hidden[start : start + chunk] = grad.to(compute_dtype) @ w
+            grad_weight.addmm_(grad.t(), h.to(acc))
+            grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype) if needs_hidden else None,
+            (grad_weight * grad_total).to(weight_dtype) if needs_weight else None,
+            (grad_bias * grad_total).to(bias_dtype) if needs_bias else None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy_sum(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
+) -> Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``.
+
+    hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) with ``IGNORE_INDEX``
+    for rows that do not count. Matmuls run in the autocast dtype when autocast is on,
+    else in the dtype of ``hidden``; log-sum-exp, loss and gradient sums in at least fp32.
+    """
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype)
