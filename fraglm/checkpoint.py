@@ -59,6 +59,24 @@ def save_checkpoint(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights and training state for ``step`` and point ``pointers`` at them."""
+    try:
+        return _save(run_dir, model, state, step=step, pointers=pointers, info=info)
+    except OSError as exc:
+        raise FraglmError(
+            f"could not write a checkpoint to {run_dir}: {exc.strerror or exc}; "
+            "the previous checkpoint is intact"
+        ) from None
+
+
+def _save(
+    run_dir: Path,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    *,
+    step: int,
+    pointers: tuple[str, ...],
+    info: dict[str, Any] | None,
+) -> Path:
     name = f"step-{step:07d}"
     final = run_dir / name
     if not final.is_dir():  # a complete directory of the same step is never rewritten

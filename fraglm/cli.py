@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -76,7 +77,12 @@ def train(
 
     result = run_train(_load(config, set_), resume=resume, max_new_steps=steps)
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    typer.echo(f"trained to step {result.steps}: train loss {result.final_train_loss:.4f}{best}")
+    if math.isnan(result.final_train_loss):
+        typer.echo(f"nothing to do: the run is already at step {result.steps} (train.max_steps)")
+    else:
+        typer.echo(
+            f"trained to step {result.steps}: train loss {result.final_train_loss:.4f}{best}"
+        )
     typer.echo(f"run directory: {result.run_dir}")
 
 

@@ -97,3 +97,15 @@ def test_missing_checkpoint_and_dangling_pointer(tmp_path):
     (tmp_path / "latest.json").write_text(json.dumps({"dir": "step-0000009", "step": 9}))
     with pytest.raises(FraglmError, match="missing"):
         ckpt.checkpoint_dir(tmp_path)
+
+
+def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, _model(0), _state(1), step=1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(FraglmError, match="No space left on device; the previous checkpoint"):
+        ckpt.save_checkpoint(tmp_path, _model(1), _state(2), step=2)
+    assert ckpt.checkpoint_dir(tmp_path, "latest").name == "step-0000001"

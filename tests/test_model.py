@@ -18,15 +18,6 @@ VOCAB = 8000  # the p100 and seed presets' BPE vocabulary
 TINY = ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=32, fragment_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster without OpenMP threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def preset(name: str) -> ModelConfig:
     return load_config(REPO_ROOT / "configs" / f"{name}.yaml").model
 

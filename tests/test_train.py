@@ -50,15 +50,6 @@ BASE: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster without OpenMP threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> Path:
     """The MedQuAD slice tokenized once for the whole module (read-only for the tests)."""
