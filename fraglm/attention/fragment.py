@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fraglm.attention.reference import sdpa_attention
+
 __all__ = [
     "FragmentAttention",
     "fragment_attention",
@@ -494,4 +496,9 @@ def fragment_attention(
         raise ValueError(f"doc_ids must be (B, Tk) = {(k.shape[0], k.shape[2])}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and q.shape[2] * k.shape[2] <= fragment_size * fragment_size:
+        # The whole score matrix is no larger than one tile (a KV-cached decode step):
+        # streaming would only add overhead, so compute it in one fused call.
+        return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     return FragmentAttention.apply(q, k, v, causal, fragment_size, doc_ids, scale)
