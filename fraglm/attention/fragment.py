@@ -486,6 +486,8 @@ def fragment_attention(
     the last ``Tq`` positions (a KV-cached decode step). ``doc_ids`` (B, Tk) limits
     attention to each token's document; negative ids are padding. ``scale``
     defaults to ``1 / sqrt(D)``. Returns (B, H, Tq, D) in the dtype of ``q``.
+    Without gradients, a problem no larger than one tile (a decode step) is handed
+    to SDPA in one fused call.
     """
     _check(q, k, v)
     if q.shape[2] > k.shape[2]:
