@@ -110,6 +110,15 @@ def test_sdpa_matches_naive(name: str) -> None:
         assert rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("docs", [False, True])
+def test_decode_step_without_gradients_matches_naive(docs: bool) -> None:
+    case = Case(heads=4, kv_heads=2, n_q=1, n_k=37, fragment=16, docs=docs)
+    q, k, v, _, doc_ids = make_inputs(case, torch.float32)
+    with torch.no_grad():  # small enough to be one tile: the one-call path
+        got = fragment_attention(q, k, v, fragment_size=case.fragment, doc_ids=doc_ids)
+    assert rel_err(got, naive_attention(q, k, v, doc_ids=doc_ids)) < 1e-5
+
+
 def test_padding_rows_give_zero_output_and_gradients() -> None:
     case = CASES["documents, GQA, Tq < Tk"]
     q, k, v, dout, docs = make_inputs(case, torch.float32)
