@@ -65,19 +65,20 @@ def draw_attention(
     labels, weights = prompt_attention(run, prompt_text(text, raw=raw))
     shown = [repr(t)[1:-1] for t in labels]
     size = max(3.0, 0.28 * len(labels) + 1.5)
-    fig, axes = plt.subplots(
-        len(layers), len(heads), figsize=(size * len(heads), size * len(layers)), squeeze=False
-    )
-    for row, li in enumerate(layers):
-        for col, hi in enumerate(heads):
-            ax = axes[row][col]
-            ax.imshow(weights[li, hi].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_title(f"layer {li}, head {hi}", fontsize=9)
-            if len(labels) <= 64:
-                ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=7)
-                ax.set_yticks(range(len(labels)), shown, fontsize=7)
-            ax.set_xlabel("key")
-            ax.set_ylabel("query")
+    cells = [(li, hi) for li in layers for hi in heads]
+    # one row per layer; a single layer's heads wrap four to a row
+    columns = len(heads) if len(layers) > 1 else min(len(heads), 4)
+    rows = -(-len(cells) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    for index, (li, hi) in enumerate(cells):
+        ax = axes[index // columns][index % columns]
+        ax.imshow(weights[li, hi].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"layer {li}, head {hi}", fontsize=9)
+        if len(labels) <= 64:
+            ax.set_xticks(range(len(labels)), shown, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(labels)), shown, fontsize=7)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
