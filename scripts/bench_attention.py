@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 from fraglm.attention import attention
+from fraglm.benchmarking import machine, peak_mib, sync
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # name -> (backend, documents packed, SDPA kernel forced)
@@ -89,42 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        name = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), name)
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def load_average() -> str:
     """Other processes on the machine skew timings; the load average tells (Unix only)."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_mib(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory allocated during one step beyond what was allocated before it."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 def make_step(
