@@ -127,6 +127,18 @@ def _checkpoint_choice(which: str) -> str:
     return which
 
 
+def _sampler(run: str | None, checkpoint: str, device: str, **sampling: object) -> tuple:
+    """The run, a generator with its sampling settings (run's config + command line), the
+    settings and a seeded RNG: what generate and chat share."""
+    from fraglm.generate import Generator, make_rng, stop_ids_for
+    from fraglm.run import load_run
+
+    loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
+    params = _sampling(loaded.cfg, **sampling)
+    generator = Generator(loaded.model, params, stop_ids_for(loaded.tokenizer, params.stop))
+    return loaded, generator, params, make_rng(params.seed)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The question to answer.")] = None,
@@ -147,27 +159,18 @@ def generate(
     device: DeviceOption = "auto",
 ) -> None:
     """Answer PROMPT with a trained model, streaming the text as it is produced."""
-    from fraglm.generate import Generator, make_rng, prompt_text, stop_ids_for, stream_text
-    from fraglm.run import load_run
+    from fraglm.generate import prompt_text, stream_text
 
     if (prompt is None) == (prompts_file is None):
         raise FraglmError("give either a PROMPT or --prompts-file")
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
-    loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
-    params = _sampling(
-        loaded.cfg,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        stop=stop,
-    )
     for text in prompts:
         prompt_text(text, raw=raw)
-    generator = Generator(loaded.model, params, stop_ids_for(loaded.tokenizer, params.stop))
-    rng = make_rng(params.seed)
+    loaded, generator, params, rng = _sampler(
+        run, checkpoint, device, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        stop=stop,
+    )  # fmt: skip
     for text in prompts:
         for index in range(num_samples):
             pieces = stream_text(
@@ -214,22 +217,13 @@ def chat(
     device: DeviceOption = "auto",
 ) -> None:
     """Ask questions one line at a time; an empty line is skipped, Ctrl-D or Ctrl-C ends."""
-    from fraglm.generate import Generator, make_rng, prompt_text, stop_ids_for, stream_text
-    from fraglm.run import load_run
+    from fraglm.generate import prompt_text, stream_text
 
-    loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
-    params = _sampling(
-        loaded.cfg,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
+    loaded, generator, params, rng = _sampler(
+        run, checkpoint, device, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
         stop=stop,
-    )
-    generator = Generator(loaded.model, params, stop_ids_for(loaded.tokenizer, params.stop))
-    rng = make_rng(params.seed)
+    )  # fmt: skip
     interactive = sys.stdin.isatty()
     typer.echo(f"fraglm chat: {loaded.run_dir} (step {loaded.step}); Ctrl-D to quit", err=True)
     try:
