@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from fraglm.config import END, PAD, Config
+from fraglm.config import END, PAD, ModelConfig
 from fraglm.errors import FraglmError
 from fraglm.model import Transformer, kv_heads, mlp_hidden_size
 from fraglm.run import load_run
 
 
-def llama_config(cfg: Config, vocab_size: int, *, end_id: int, pad_id: int) -> dict:
-    m = cfg.model
+def llama_config(
+    m: ModelConfig, vocab_size: int, *, end_id: int | None = None, pad_id: int | None = None
+) -> dict[str, Any]:
+    """transformers' LlamaConfig fields for a modern fraglm model."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -36,7 +39,9 @@ def llama_config(cfg: Config, vocab_size: int, *, end_id: int, pad_id: int) -> d
         "hidden_act": "silu",
         "max_position_embeddings": m.context_length,
         "rms_norm_eps": m.norm_eps,
+        # transformers 5 reads rope_parameters, 4.x rope_theta
         "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": True,
@@ -74,6 +79,18 @@ def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: t.detach().to(torch.float32).contiguous().clone() for name, t in state.items()}
 
 
+def to_hf_llama(model: Transformer) -> Any:
+    """An in-memory ``transformers.LlamaForCausalLM`` with ``model``'s weights (modern arch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**llama_config(model.cfg, model.vocab_size)))
+    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.to(next(model.parameters()).device).eval()
+
+
 def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path:
     """Write a Hugging Face model directory for a run; returns ``out``."""
     loaded = load_run(run, which=which, device="cpu")
@@ -93,7 +110,7 @@ def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    config = llama_config(loaded.cfg, vocab, end_id=end_id, pad_id=pad_id)
+    config = llama_config(loaded.cfg.model, vocab, end_id=end_id, pad_id=pad_id)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"eos_token_id": end_id, "pad_token_id": pad_id}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

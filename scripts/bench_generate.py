@@ -31,8 +31,9 @@ import torch
 
 from fraglm.config import ModelConfig, SampleConfig
 from fraglm.device import resolve_device
+from fraglm.export import to_hf_llama
 from fraglm.generate import Generator
-from fraglm.model import Transformer, mlp_hidden_size
+from fraglm.model import Transformer
 
 VOCAB = 8000
 FIRST_ORDINARY_ID = 4  # ids 0-3 are the special tokens
@@ -57,56 +58,12 @@ def fraglm_model(attention: str, context: int, device: torch.device) -> Transfor
 
 
 def hf_model(model: Transformer) -> torch.nn.Module | None:
-    """``LlamaForCausalLM`` of the same shape holding ``model``'s weights (None without
-    transformers)."""
+    """``LlamaForCausalLM`` holding ``model``'s weights (None without transformers)."""
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         return None
-    cfg = model.cfg
-    hidden = mlp_hidden_size(cfg)
-    hf_cfg = LlamaConfig(
-        vocab_size=model.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-        max_position_embeddings=cfg.context_length,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    hf = LlamaForCausalLM(hf_cfg)
-    q_size = cfg.d_model
-    kv_size = (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
-    state = {
-        "model.embed_tokens.weight": model.embed.weight,
-        "model.norm.weight": model.norm.weight,
-    }
-    for i, block in enumerate(model.blocks):
-        prefix = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
-        gate, up = block.mlp.up.weight.split([hidden, hidden])
-        state |= {
-            prefix + "input_layernorm.weight": block.attn_norm.weight,
-            prefix + "self_attn.q_proj.weight": q,
-            prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v,
-            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
-            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
-            prefix + "mlp.gate_proj.weight": gate,
-            prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": block.mlp.down.weight,
-        }
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    return hf.to(next(model.parameters()).device).eval()
+    return to_hf_llama(model)
 
 
 def timed(

@@ -53,7 +53,8 @@ from torch import nn
 from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import load_config
 from fraglm.device import Precision, resolve_device, resolve_precision
-from fraglm.model import Transformer, mlp_hidden_size
+from fraglm.export import llama_config
+from fraglm.model import Transformer
 
 P100_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "p100.yaml"
 VOCAB = 8000
@@ -113,19 +114,7 @@ def hf_llama(cfg, device: torch.device) -> nn.Module | None:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=cfg.d_model,
-        intermediate_size=mlp_hidden_size(cfg),
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.context_length,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    config = LlamaConfig(**llama_config(cfg, VOCAB), attn_implementation="sdpa")
     return LlamaForCausalLM(config).to(device)
 
 

@@ -34,7 +34,7 @@ def _trained(tmp_path: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    run_dir = _trained(tmp, "model.n_kv_heads=2")  # grouped-query attention too
+    run_dir = _trained(tmp, "model.n_kv_heads=2", "model.rope_theta=500.0")  # GQA, own RoPE base
     return run_dir, export_hf(run_dir, tmp / "hf")
 
 
