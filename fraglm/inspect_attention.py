@@ -9,7 +9,7 @@ import torch
 from fraglm.attention.maps import attention_weights
 from fraglm.errors import FraglmError
 from fraglm.generate import prompt_text
-from fraglm.plot import pyplot
+from fraglm.plot import pyplot, save_figure
 from fraglm.run import LoadedRun, load_run
 
 
@@ -79,8 +79,4 @@ def draw_attention(
             ax.set_yticks(range(len(labels)), shown, fontsize=7)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)

@@ -55,8 +55,13 @@ def plot_runs(runs: list[str | None], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ppl_ax.set_yscale("log")
+    return save_figure(fig, out, dpi=110)
+
+
+def save_figure(fig: Any, out: Path, *, dpi: int) -> Path:
+    """Lay out, write ``out`` (making its folder) and free the figure."""
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
     return out

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fraglm.attention.fragment import fragment_forward
-from fraglm.attention.reference import visibility_mask
+from fraglm.attention.reference import expand_kv_heads, visibility_mask
 
 
 def attention_weights(
@@ -33,7 +33,7 @@ def attention_weights(
         q, k, k, scale=scale, causal=causal, fragment_size=fragment_size,
         q_start=n_k - n_q, q_doc=q_doc, k_doc=doc_ids,
     )  # fmt: skip
-    keys = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    keys, _ = expand_kv_heads(q, k.float(), k)
     visible = visibility_mask(n_q, n_k, causal=causal, doc_ids=doc_ids, device=q.device)
     weights = torch.zeros(q.shape[0], q.shape[1], n_q, n_k, device=q.device)
     for start in range(0, n_q, fragment_size):

@@ -31,6 +31,14 @@ def visibility_mask(
     return mask
 
 
+def expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped-query k, v repeated to one head per query head (as they are when H == Hkv)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def naive_attention(
     q: Tensor,
     k: Tensor,
@@ -41,9 +49,7 @@ def naive_attention(
     scale: float | None = None,
 ) -> Tensor:
     """Materialise the scores, masked softmax (fully masked rows -> 0), then weight v."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    k, v = expand_kv_heads(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, doc_ids=doc_ids, device=q.device)
@@ -74,10 +80,7 @@ def sdpa_attention(
     row) and their output is zeroed, which also zeroes their gradients.
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    if k.shape[1] != q.shape[1]:
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    k, v = expand_kv_heads(q, k, v)
     if doc_ids is None and (not causal or n_q == n_k):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     mask = visibility_mask(n_q, n_k, causal=causal, doc_ids=doc_ids, device=q.device)
