@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fraglm.config import ModelConfig, load_config
-from fraglm.model import KVCache, RotaryEmbedding, Transformer, apply_rope
+from fraglm.model import MLP, KVCache, RotaryEmbedding, Transformer, apply_rope, swiglu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8000  # the p100 and seed presets' BPE vocabulary
@@ -209,3 +209,46 @@ def test_rope_scores_depend_only_on_relative_position():
     assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
     assert score(0, 0) == pytest.approx(float(q @ k), rel=1e-5)  # position 0 is the identity
     assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+def test_rope_matches_llamas_rotate_half():
+    """The signed-sine form is Llama's ``x * cos + cat(-x2, x1) * sin``."""
+    rope = RotaryEmbedding(head_dim=16, theta=10000.0)
+    positions = torch.arange(7)
+    x = torch.randn(2, 7, 3, 16, generator=torch.Generator().manual_seed(5))
+    freqs = torch.outer(positions.float(), rope.inv_freq)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    llama = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
+    cos_table, signed_sin = rope(positions)
+    torch.testing.assert_close(apply_rope(x, cos_table[:, None], signed_sin[:, None]), llama)
+
+
+# SwiGLU
+
+
+def test_swiglu_gradients_are_exact():
+    gen = torch.Generator().manual_seed(6)
+    gate, up = (torch.randn(3, 5, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    gate.requires_grad_(True)
+    up.requires_grad_(True)
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up)
+
+
+def test_mlp_keeps_no_activation_it_can_recompute():
+    """Saved for backward: the gate and up projections and the down projection's input,
+    not silu(gate) too (one (tokens, hidden) activation less per layer)."""
+    cfg = ModelConfig(d_model=16, n_heads=2, mlp_hidden=24)
+    torch.manual_seed(0)
+    mlp, x = MLP(cfg), torch.randn(2, 5, 16, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mlp(x)
+    assert sum(numel == 2 * 5 * 24 for numel in saved.values()) == 3
+    gate, up = F.linear(x, mlp.up.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(out, mlp.down(F.silu(gate) * up))
