@@ -37,10 +37,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        # one logits buffer for all chunks: a fresh multi-MB tensor per chunk costs page
+        # faults on CPU, where large blocks go back to the OS when freed
+        buffer = torch.empty(min(chunk, rows), vocab, dtype=compute_dtype, device=hidden.device)
         for start in range(0, rows, chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
             target = targets[start : start + chunk]
-            logits = (h @ w.t()).to(acc)
+            logits = torch.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
             if bias is not None:
                 logits += bias.to(acc)
             counted = target != IGNORE_INDEX
