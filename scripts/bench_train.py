@@ -12,8 +12,12 @@ token windows of the p100 shape (8 layers, width 128, 8 heads, context 512, voca
   loss as ``F.cross_entropy`` of its logits in fp32.
 
 Both get the same tokens and the trainer's optimizer (fused AdamW, weight decay on
-matrices only). The variants run round-robin, one step each in turn, so a load change on
-a shared machine hits all alike.
+matrices only). The variants run round-robin, so a load change on a shared machine hits
+all alike: in each round every variant runs two steps and the second is timed. A step
+straight after another model's would pay for that model's memory traffic (on CPU, the
+allocator returns the large blocks that the transformers model frees to the OS, and the
+next step faults them back in); the second step starts from the state its own training
+loop leaves.
 
 Reported per variant:
 
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((variant, step))
     for _ in range(args.steps):
         for variant, step in runs:
+            step()  # untimed: the timed step starts from this model's own memory state
             sync(device)
             start = time.perf_counter()
             step()

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from fraglm.config import ModelConfig, load_config
-from fraglm.model import MLP, KVCache, RotaryEmbedding, Transformer, apply_rope, swiglu
+from fraglm.model import (
+    MLP,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    Transformer,
+    apply_rope,
+    swiglu,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8000  # the p100 and seed presets' BPE vocabulary
@@ -252,3 +260,23 @@ def test_mlp_keeps_no_activation_it_can_recompute():
     assert sum(numel == 2 * 5 * 24 for numel in saved.values()) == 3
     gate, up = F.linear(x, mlp.up.weight).chunk(2, dim=-1)
     torch.testing.assert_close(out, mlp.down(F.silu(gate) * up))
+
+
+# RMSNorm
+
+
+def test_rmsnorm_matches_torch_and_its_gradients_are_exact():
+    gen = torch.Generator().manual_seed(7)
+    norm = RMSNorm(8, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+    x = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    out = norm(x)
+    ours = torch.autograd.grad(out, (x, norm.weight), grad)
+    expected = F.rms_norm(x, (8,), norm.weight, 1e-5)
+    torch.testing.assert_close(out, expected)
+    reference = torch.autograd.grad(expected, (x, norm.weight), grad)
+    for got, want in zip(ours, reference, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(norm, (x,))
