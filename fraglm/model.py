@@ -183,7 +183,11 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _SwiGLU.apply(gate, up)
+    if torch.is_grad_enabled():
+        return _SwiGLU.apply(gate, up)
+    # no backward to serve: skip the autograd.Function call, which costs microseconds
+    # that decoding, a few dozen small kernels per token, would notice
+    return F.silu(gate).mul_(up)
 
 
 class MLP(nn.Module):
@@ -252,7 +256,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # inference: ATen's one-kernel forward (the hand-written pass is for backward)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
