@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine(device)}; precision {precision.name}")
     print(
         f"Shape: {cfg.n_layers} layers, d={cfg.d_model}, {cfg.n_heads} heads, T={context}, "
-        f"V={VOCAB}, batch {batch_size}; median of {args.steps} steps after {args.warmup} "
-        f"warm-up steps"
+        f"V={VOCAB}, batch {batch_size}; median of {args.steps} rounds (the second of two "
+        f"steps per model timed) after {args.warmup} warm-up steps"
     )
     print(
         f"Matmul peak ({str(compute_dtype).removeprefix('torch.')}): {peak / 1e9:,.1f} GFLOP/s; "
