@@ -48,12 +48,13 @@ def evaluate(
     """Mean loss per counted token over the windows at ``starts``, and the token count."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, count = [], 0
     for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / batch_size))):
         batch = sampler.batch(chunk, device)
-        total += float(token_loss_sum(model, batch, precision))
+        sums.append(token_loss_sum(model, batch, precision))
         count += batch.counted_tokens
     model.train(was_training)
+    total = float(torch.stack(sums).sum()) if sums else 0.0  # one host sync, at the end
     return total / max(count, 1), count
 
 

@@ -57,11 +57,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - picked) * counted).sum()
             if not needs_grad:
                 continue
-            # dLoss/dlogits = softmax - onehot(target), zero on ignored rows; in place
-            grad = probs.div_(row_sum)
-            grad.scatter_add_(1, safe_target, torch.full_like(picked[:, None], -1.0))
-            if not bool(counted.all()):
-                grad[~counted] = 0.0
+            # dLoss/dlogits = softmax - onehot(target), zero on ignored rows; in place. The
+            # row mask rides on the softmax scale: no branch on its values, so no host sync
+            weight_of_row = counted[:, None].to(acc)
+            grad = probs.mul_(weight_of_row / row_sum)
+            grad.scatter_add_(1, safe_target, -weight_of_row)
             grad_hidden[start : start + chunk] = grad.to(compute_dtype) @ w
             grad_weight.addmm_(grad.t(), h.to(acc))
             if bias is not None:

@@ -225,7 +225,7 @@ class Trainer:
         starts = self.train_sampler.step_starts(tcfg.seed, self.step, tcfg.batch_size)
         counted = max(self.train_sampler.counted_targets(starts), 1)
         micro_batches = self._my_batches(starts)
-        local = 0.0
+        loss_sums = []
         for index, batch in enumerate(micro_batches):
             sync = not self.env.enabled or index == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.forward_model.no_sync():
@@ -233,7 +233,9 @@ class Trainer:
                     self.forward_model, batch, self.precision, self.env.cp_group
                 )
                 self.scaler.scale(loss_sum * (self.env.world / counted)).backward()
-            local += float(loss_sum.detach())
+            loss_sums.append(loss_sum.detach())
+        # one host sync per step, after every micro-batch is queued
+        local = float(torch.stack(loss_sums).sum())
         total = all_reduce_sum(local, self.env, self.device) / counted
         if not math.isfinite(total) and not self.scaler.is_enabled():
             raise FraglmError(

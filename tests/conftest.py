@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -139,3 +140,28 @@ def run_cli(monkeypatch, capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+class HostSyncs(TorchDispatchMode):
+    """Count the ops that make the host wait for the device's values (``.item()``,
+    ``bool(tensor)``, ``nonzero`` and boolean-mask indexing). On CPU nothing waits, but the
+    same ops on CUDA stall the host and empty the queue of launched kernels."""
+
+    SYNCING = frozenset(
+        {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs():
+    """``with host_syncs() as syncs: ...`` then ``syncs.ops`` lists the syncing ops."""
+    return HostSyncs

@@ -60,3 +60,10 @@ def test_all_rows_ignored_is_zero_with_zero_gradients():
     total = linear_cross_entropy_sum(hidden, weight, bias, targets)
     total.backward()
     assert total == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_ignored_rows_cost_no_host_sync(host_syncs):
+    hidden, weight, bias, targets = _inputs(torch.float32)
+    with host_syncs() as syncs:
+        linear_cross_entropy_sum(hidden, weight, bias, targets).backward()
+    assert syncs.ops == []
