@@ -347,11 +347,16 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+            last_position = start + idx.shape[1] - 1
+        else:
+            last_position = None  # read from the tensor only if needed: a host sync on GPUs
         x = self.embed(idx)
         rope = None
         if self.pos_embed is not None:
-            if int(positions.max()) >= self.cfg.context_length:
-                raise ValueError(f"position {int(positions.max())} is past the learned positions")
+            if last_position is None:
+                last_position = int(positions.max())
+            if last_position >= self.cfg.context_length:
+                raise ValueError(f"position {last_position} is past the learned positions")
             x = x + self.pos_embed(positions)
         else:
             rope = self.rope(positions)

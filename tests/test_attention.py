@@ -160,6 +160,22 @@ def test_bf16_close_to_fp32() -> None:
         assert rel_err(lo, hi) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["T not a multiple of F", "documents, GQA, Tq < Tk"])
+def test_autocast_changes_nothing(name: str, dtype: torch.dtype) -> None:
+    """Mixed-precision training calls attention inside bf16/fp16 autocast, backward too:
+    the tiles still run in fp32, so output and gradients are the same bits as outside."""
+    case = CASES[name]
+    q, k, v, dout, docs = make_inputs(case, torch.float32)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    kw = {"causal": case.causal, "doc_ids": docs, "fragment_size": case.fragment}
+    outside = run(fragment_attention, q, k, v, dout, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run(fragment_attention, q, k, v, dout, **kw)
+    for a, b in zip(inside, outside, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
 def test_merge_of_key_halves_equals_full() -> None:
     case = CASES["documents, GQA, Tq < Tk"]
     q, k, v, _, docs = make_inputs(case, torch.float64)

@@ -141,6 +141,29 @@ def test_attention_backends_agree_on_logits_and_gradients(arch, documents):
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["modern", "seed"])
+@pytest.mark.parametrize("backend", ["fragment", "sdpa", "naive"])
+def test_trains_under_bf16_autocast(arch, backend, host_syncs):
+    """The mixed-precision path (bf16 here, fp16 on a P100): loss and gradients close to
+    fp32, and no host sync in the step."""
+    cfg = replace(TINY, arch=arch, attention=backend)
+    gen = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 50, (2, 2, 18), generator=gen)
+    results = []
+    for autocast in (False, True):
+        model = build(cfg)
+        with host_syncs() as syncs:
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = model(idx, targets=targets) / targets.numel()
+            loss.backward()
+        assert syncs.ops == [] and loss.dtype == torch.float32
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss32, grads32), (loss16, grads16) = results
+    torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
+    for g16, g32 in zip(grads16, grads32, strict=True):
+        assert (g16 - g32).norm() < 0.1 * g32.norm()
+
+
 def test_documents_do_not_see_each_other():
     """With doc_ids, a document's logits do not depend on the document packed before it."""
     model = build(replace(TINY, attention="fragment")).eval()

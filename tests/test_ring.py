@@ -20,12 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _inputs(with_docs: bool):
+def _inputs(with_docs: bool, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, T, D, dtype=torch.float64, generator=gen)
-    k = torch.randn(B, HKV, T, D, dtype=torch.float64, generator=gen)
-    v = torch.randn(B, HKV, T, D, dtype=torch.float64, generator=gen)
-    dout = torch.randn(B, H, T, D, dtype=torch.float64, generator=gen)
+    q = torch.randn(B, H, T, D, dtype=dtype, generator=gen)
+    k = torch.randn(B, HKV, T, D, dtype=dtype, generator=gen)
+    v = torch.randn(B, HKV, T, D, dtype=dtype, generator=gen)
+    dout = torch.randn(B, H, T, D, dtype=dtype, generator=gen)
     docs = None
     if with_docs:
         docs = torch.cat([torch.zeros(B, 13), torch.ones(B, 20), torch.full((B, T - 33), 2)], 1)
@@ -34,21 +34,31 @@ def _inputs(with_docs: bool):
     return q, k, v, dout, docs
 
 
-CASES = [(True, False), (False, False), (True, True)]  # (causal, document ids)
+# (causal, document ids, autocast): the last runs fp32 inside bf16 autocast, as in
+# mixed-precision training, and must still match fp32 attention without autocast
+CASES = [(True, False, False), (False, False, False), (True, True, False), (True, True, True)]
+
+
+def _dtype_and_tolerance(autocast: bool) -> tuple[torch.dtype, float]:
+    return (torch.float32, 1e-5) if autocast else (torch.float64, 1e-10)
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for case, (causal, with_docs) in enumerate(CASES):
-            q, k, v, dout, docs = _inputs(with_docs)
+        for case, (causal, with_docs, autocast) in enumerate(CASES):
+            q, k, v, dout, docs = _inputs(with_docs, _dtype_and_tolerance(autocast)[0])
             local = [zigzag_split(t, rank, world, dim=2).requires_grad_() for t in (q, k, v)]
             local_docs = None if docs is None else zigzag_split(docs, rank, world, dim=1)
-            out = ring_attention(*local, causal=causal, fragment_size=5, doc_ids=local_docs)
-            out.backward(zigzag_split(dout, rank, world, dim=2))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = ring_attention(*local, causal=causal, fragment_size=5, doc_ids=local_docs)
+                out.backward(zigzag_split(dout, rank, world, dim=2))
             tensors = [out.detach(), *(t.grad for t in local)]
             queue.put((case, rank, [t.numpy().copy() for t in tensors]))
+    except Exception as exc:
+        queue.put((None, rank, f"{type(exc).__name__}: {exc}"))  # fail fast, with the cause
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -60,23 +70,34 @@ def _run(world: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = {}
-    for _ in range(world * len(CASES)):
-        case, rank, arrays = queue.get(timeout=180)
-        results[case, rank] = [torch.from_numpy(a) for a in arrays]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results, failure = {}, None
+    try:
+        for _ in range(world * len(CASES)):
+            case, rank, payload = queue.get(timeout=180)
+            if case is None:
+                failure = f"rank {rank} failed: {payload}"
+                break
+            results[case, rank] = [torch.from_numpy(a) for a in payload]
+    finally:
+        for p in procs:
+            if failure is not None:
+                p.terminate()  # the other ranks wait for the failed one forever
+            p.join(timeout=60)
+    if failure is not None:
+        pytest.fail(failure)
+    assert all(p.exitcode == 0 for p in procs)
     return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_single_process(world):
-    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked."""
+    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked;
+    fp32 under autocast to 1e-5."""
     results = _run(world)
-    for case, (causal, with_docs) in enumerate(CASES):
-        q, k, v, dout, docs = _inputs(with_docs)
+    for case, (causal, with_docs, autocast) in enumerate(CASES):
+        dtype, tolerance = _dtype_and_tolerance(autocast)
+        q, k, v, dout, docs = _inputs(with_docs, dtype)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         expected = fragment_attention(*full, causal=causal, fragment_size=5, doc_ids=docs)
         expected.backward(dout)
@@ -84,7 +105,7 @@ def test_ring_matches_single_process(world):
         for rank in range(world):
             for got, want in zip(results[case, rank], reference, strict=True):
                 want_local = zigzag_split(want, rank, world, dim=2)
-                torch.testing.assert_close(got, want_local, rtol=0, atol=1e-10)
+                torch.testing.assert_close(got, want_local, rtol=0, atol=tolerance)
 
 
 def test_zigzag_balances_causal_work():

@@ -154,6 +154,7 @@ def test_a_step_waits_for_the_device_once(tokenized, tmp_path, host_syncs, backe
 RESUME_CASES = {
     "plain": (),
     "dropout": ("model.dropout=0.2",),
+    "bf16 autocast": ("train.precision=bf16",),
     "accumulation, document mask, answer loss": (
         "train.grad_accum=2",
         "train.doc_mask=true",

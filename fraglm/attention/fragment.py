@@ -32,7 +32,9 @@ How it runs (and why):
   fragments do not overlap and left unmasked when both hold one and the same
   document.
 * Statistics and accumulators are fp32 for fp16/bf16 inputs (fp64 for fp64);
-  the public function returns the input dtype.
+  the public function returns the input dtype. The block routines run with
+  autocast off: under an fp16/bf16 autocast region (mixed-precision training)
+  autocast would recast their matmuls and break the in-place accumulations.
 
 Document ids: ``doc_ids`` (B, Tk) integers; a token attends only to tokens of its
 own document (and causally, when causal). A negative id marks padding: such a
@@ -47,9 +49,11 @@ same routines.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +66,7 @@ __all__ = [
     "fragment_backward",
     "fragment_forward",
     "merge",
+    "softmax_delta",
 ]
 
 LOG2E = math.log2(math.e)
@@ -80,6 +85,25 @@ class _Tile:
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _outside_autocast(routine: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``routine(q, ...)`` with autocast off on the device of ``q``."""
+
+    @functools.wraps(routine)
+    def run(q: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(q.device.type, enabled=False):
+            return routine(q, *args, **kwargs)
+
+    return run
+
+
+def softmax_delta(dout: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rowsum(dout * out)`` (B, H, T) in ``dtype``: the ``D`` of the softmax backward.
+
+    Elementwise and a sum, so autocast leaves it in ``dtype`` (an einsum would be recast).
+    """
+    return (dout.to(dtype) * out.to(dtype)).sum(-1)
 
 
 def _fragment_doc_ranges(doc: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,6 +252,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k/v {tuple(k.shape)}")
 
 
+@_outside_autocast
 def fragment_forward(
     q: Tensor,
     k: Tensor,
@@ -317,6 +342,7 @@ def _forward_fragment(
     return acc, (m + l_sum.log2()).squeeze(-1)
 
 
+@_outside_autocast
 def fragment_backward(
     q: Tensor,
     k: Tensor,
@@ -455,7 +481,7 @@ class FragmentAttention(torch.autograd.Function):
         q, k, v, out, lse, *docs = ctx.saved_tensors
         causal, fragment_size, scale = ctx.options
         q_doc, k_doc = _split_docs(docs[0] if docs else None, q.shape[2])
-        delta = torch.einsum("bhtd,bhtd->bht", dout.to(lse.dtype), out.to(lse.dtype))
+        delta = softmax_delta(dout, out, lse.dtype)
         dq, dk, dv = fragment_backward(
             q, k, v, dout, lse, delta, scale=scale, causal=causal, fragment_size=fragment_size,
             q_start=k.shape[2] - q.shape[2], q_doc=q_doc, k_doc=k_doc,

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fraglm.attention.fragment import fragment_backward, fragment_forward, merge
+from fraglm.attention.fragment import fragment_backward, fragment_forward, merge, softmax_delta
 
 
 def zigzag_chunks(rank: int, world: int) -> tuple[int, int]:
@@ -193,7 +193,7 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse, *docs = ctx.saved_tensors
         doc_ids = docs[0] if docs else None
         ring, opts = _Ring(ctx.group), ctx.opts
-        delta = torch.einsum("bhtd,bhtd->bht", dout.to(lse.dtype), out)
+        delta = softmax_delta(dout, out, lse.dtype)
         q_docs = _halves(doc_ids, 1)
         dq = torch.zeros_like(out)
         block = [k, v] if doc_ids is None else [k, v, doc_ids]
