@@ -22,6 +22,7 @@ from fraglm import checkpoint as ckpt
 from fraglm import train as train_module
 from fraglm.config import Config, apply_overrides, from_dict
 from fraglm.data import tokenize
+from fraglm.device import Precision
 from fraglm.tracking import read_metrics
 from fraglm.train import Trainer
 
@@ -365,6 +366,46 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(run_copy, tokenized, mon
     assert ckpt.read_pointer(run_copy, "latest")["step"] == 4
     after = latest_weights(run_copy)
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.fixture
+def p100_precision(monkeypatch):
+    """The P100's path, fp16 autocast + GradScaler, on the CPU (which runs it, slowly; the
+    trainer refuses fp16 on a CPU only because it is no use there)."""
+    fp16 = Precision("fp16", torch.float16, use_scaler=True)
+    monkeypatch.setattr(train_module, "resolve_precision", lambda name, device: fp16)
+
+
+def test_resume_with_grad_scaler_continues_bit_identically(tokenized, tmp_path, p100_precision):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    Trainer(make_config(tokenized, whole)).run()
+    Trainer(make_config(tokenized, split)).run(max_new_steps=4)
+    resumed = Trainer(make_config(tokenized, split), resume=True)
+    assert resumed.scaler.state_dict()["_growth_tracker"] == 4  # restored, not fresh
+    resumed.run()
+    assert train_losses(split) == train_losses(whole) and len(train_losses(whole)) == 8
+    assert val_losses(split) == val_losses(whole)
+    a, b = latest_weights(whole), latest_weights(split)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_non_finite_loss_under_grad_scaler_skips_the_step(
+    tokenized, tmp_path, monkeypatch, p100_precision
+):
+    trainer = Trainer(make_config(tokenized, tmp_path / "run", "train.grad_clip=1.0"))
+    trainer.train_step()
+    scale = trainer.scaler.get_scale()
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    real = train_module.token_loss_sum
+    monkeypatch.setattr(
+        train_module, "token_loss_sum", lambda *a, **kw: real(*a, **kw) * float("inf")
+    )
+    assert math.isinf(trainer.train_step())  # no error: the scaler skips the step
+    assert trainer.step == 2 and trainer.scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+    monkeypatch.setattr(train_module, "token_loss_sum", real)
+    assert math.isfinite(trainer.train_step())
+    assert not all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
 def test_config_in_the_run_dir_is_the_resolved_config(trained):
