@@ -149,6 +149,22 @@ def test_a_step_waits_for_the_device_once(tokenized, tmp_path, host_syncs, backe
     assert syncs.ops == ["aten._local_scalar_dense.default"]
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tokenized, tmp_path):
+    overrides = ("train.max_steps=3", "train.eval_interval=1000", "train.save_interval=1000")
+    Trainer(make_config(tokenized, tmp_path / "eager", *overrides)).run()
+    compiled = Trainer(
+        make_config(tokenized, tmp_path / "compiled", "train.compile=true", *overrides)
+    )
+    assert compiled.forward_model is not compiled.model  # the torch.compile wrapper
+    compiled.run()
+    eager_losses, compiled_losses = (
+        train_losses(tmp_path / "eager"),
+        train_losses(tmp_path / "compiled"),
+    )
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+
+
 # exact resume
 
 

@@ -416,7 +416,7 @@ def fragment_backward(
                 dv_t.baddbmm_(do_frag.transpose(1, 2), p)
                 dk_t.baddbmm_(q_frag.transpose(1, 2), ds)
         dv[:, cols] = dv_t.transpose(1, 2)
-        torch.mul(dk_t.transpose(1, 2), scale, out=dk[:, cols])
+        dk[:, cols] = dk_t.mul_(scale).transpose(1, 2)
     dq.mul_(scale)
     shape = (batch, kv_heads, n_k, dim)
     return _unfold(dq, batch, heads), dk.view(shape), dv.view(shape)
