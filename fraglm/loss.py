@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fraglm import matmul
+
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MB of fp32 logits
 
@@ -43,7 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
             target = targets[start : start + chunk]
-            logits = torch.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
+            logits = matmul.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
             if bias is not None:
                 logits += bias.to(acc)
             counted = target != IGNORE_INDEX
@@ -62,8 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             weight_of_row = counted[:, None].to(acc)
             grad = probs.mul_(weight_of_row / row_sum)
             grad.scatter_add_(1, safe_target, -weight_of_row)
-            grad_hidden[start : start + chunk] = grad.to(compute_dtype) @ w
-            grad_weight.addmm_(grad.t(), h.to(acc))
+            grad_hidden[start : start + chunk] = matmul.mm(grad.to(compute_dtype), w)
+            matmul.add_weight_grad_(grad_weight, grad, h.to(acc))
             if bias is not None:
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

@@ -24,6 +24,7 @@ from fraglm.attention import attention
 from fraglm.attention.ring import ring_attention
 from fraglm.config import ModelConfig
 from fraglm.loss import linear_cross_entropy_sum
+from fraglm.matmul import linear
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -117,7 +118,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, hd), keys and values (B, Hkv, T, hd), positions applied."""
         b, t, _ = x.shape
-        heads = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        heads = qkv.view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         if rope is not None:
             # queries and keys rotate together: one set of elementwise kernels, not two
@@ -153,7 +155,7 @@ class Attention(nn.Module):
                 doc_ids=doc_ids,
             )
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.dropout(self.out(y))
+        return self.dropout(linear(y, self.out.weight, self.out.bias))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -207,10 +209,10 @@ class MLP(nn.Module):
             # backward pass then adds two (tokens, d) input gradients instead of
             # concatenating two (tokens, hidden) halves, and is faster on CPU
             gate_weight, up_weight = self.up.weight.chunk(2)
-            h = swiglu(F.linear(x, gate_weight), F.linear(x, up_weight))
+            h = swiglu(linear(x, gate_weight), linear(x, up_weight))
         else:
-            h = F.gelu(self.up(x))
-        return self.dropout(self.down(h))
+            h = F.gelu(linear(x, self.up.weight, self.up.bias))
+        return self.dropout(linear(h, self.down.weight, self.down.bias))
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -372,4 +374,4 @@ class Transformer(nn.Module):
             )
         if last_only:
             x = x[:, -1:]
-        return self.head(self.norm(x))
+        return linear(self.norm(x), self.head.weight, self.head.bias)
