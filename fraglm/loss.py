@@ -39,13 +39,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        # one logits buffer for all chunks: a fresh multi-MB tensor per chunk costs page
-        # faults on CPU, where large blocks go back to the OS when freed
-        buffer = torch.empty(min(chunk, rows), vocab, dtype=compute_dtype, device=hidden.device)
+        buffer = None
         for start in range(0, rows, chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
             target = targets[start : start + chunk]
-            logits = matmul.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
+            if matmul.uses_onednn(h, w):
+                logits = matmul.mm(h, w.t()).to(acc)  # a fresh tensor, and still faster
+            else:
+                # one logits buffer for all chunks: a fresh multi-MB tensor per chunk costs
+                # page faults on CPU, where large blocks go back to the OS when freed
+                if buffer is None:
+                    buffer = h.new_empty(min(chunk, rows), vocab)
+                logits = torch.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
             if bias is not None:
                 logits += bias.to(acc)
             counted = target != IGNORE_INDEX

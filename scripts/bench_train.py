@@ -5,7 +5,10 @@ token windows of the p100 shape (8 layers, width 128, 8 heads, context 512, voca
 8000). Compared models:
 
 - fraglm's modern ``Transformer`` with the attention backends in ``--backends``, its loss
-  through the trainer's fused head + cross-entropy (:mod:`fraglm.loss`);
+  through the trainer's fused head + cross-entropy (:mod:`fraglm.loss`), its fp32 CPU
+  matmuls through oneDNN as in the trainer (:mod:`fraglm.matmul`); on CPU also the sdpa
+  model with that switched off ("torch matmuls"), which separates the gain of the model
+  code from that of the matmul library;
 - ``transformers``' ``LlamaForCausalLM`` of the same shape and batch: same hidden size,
   layers and heads, ``intermediate_size`` = fraglm's MLP width, tied embeddings,
   ``attn_implementation="sdpa"`` (skipped with a note when transformers is missing), its
@@ -32,7 +35,8 @@ Reported per variant:
   (``torch.profiler.profile(profile_memory=True)``), which also sees buffers that ATen
   kernels allocate internally; the profiled step is not one of the timed steps;
 - MFU: achieved FLOP/s / the device's measured matmul peak. Peak = best of several large
-  square matmuls in the compute dtype (fp32 on CPU). FLOPs per token follow PaLM
+  square matmuls in the compute dtype (fp32 on CPU, through torch's default library and
+  through oneDNN, whichever is faster). FLOPs per token follow PaLM
   (Chowdhery et al. 2022, appendix B):
   ``6 * N + 12 * L * T * d`` with N = non-embedding parameters + ``d * V`` (the output
   projection is a matmul every token even though its weight is the tied embedding),
@@ -58,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fraglm import matmul
 from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import TrainConfig, load_config
 from fraglm.device import Precision, resolve_device, resolve_precision
@@ -76,6 +81,7 @@ class Variant:
     model: nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean
     times: list[float]
+    onednn: bool = True  # fraglm.matmul's oneDNN path (only fraglm's own layers use it)
     resident_mib: float = 0.0
     peak_mib: float = 0.0
 
@@ -103,21 +109,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 autocast on CUDA sm_80+, fp16 below, fp32 on CPU")  # fmt: skip
     p.add_argument("--no-hf", action="store_true", help="skip the transformers model")
+    p.add_argument("--no-torch-matmuls", action="store_true",
+                   help="skip the CPU row of fraglm (sdpa) without oneDNN matmuls")  # fmt: skip
     return p.parse_args(argv)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """Best FLOP/s of a large square matmul on ``device`` in ``dtype``."""
+    """Best FLOP/s of a large square matmul on ``device`` in ``dtype``, through torch's
+    default library and through :func:`fraglm.matmul.mm` (oneDNN on x86 CPUs)."""
     n = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(10 if device.type == "cuda" else 5):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 4)
+    for product in (torch.mm, matmul.mm):
+        for _ in range(10 if device.type == "cuda" else 5):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(4):
+                product(a, b)
+            sync(device)
+            best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n**3 / best
 
 
@@ -143,9 +153,10 @@ def train_step(
     precision: Precision,
 ) -> None:
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    with precision.context(batch.device):
-        loss = variant.loss(inputs, targets)
-    scaler.scale(loss).backward()
+    with matmul.onednn_enabled(variant.onednn):
+        with precision.context(batch.device):
+            loss = variant.loss(inputs, targets)
+        scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -160,12 +171,20 @@ def resident_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
 
 def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[Variant]:
     variants = []
-    for backend in args.backends:
+    torch_matmuls = device.type == "cpu" and matmul.onednn_available() and not args.no_torch_matmuls
+    for backend, onednn in [(b, True) for b in args.backends] + [("sdpa", False)] * torch_matmuls:
         torch.manual_seed(0)
         model = Transformer(replace(cfg, attention=backend), VOCAB).to(device)
         # the trainer's own path: the fused head + cross-entropy of fraglm.loss
         variants.append(
-            Variant("fraglm", backend, model, lambda x, y, m=model: m(x, targets=y) / y.numel(), [])
+            Variant(
+                "fraglm" if onednn else "fraglm, torch matmuls",
+                backend,
+                model,
+                lambda x, y, m=model: m(x, targets=y) / y.numel(),
+                [],
+                onednn=onednn,
+            )
         )
     if not args.no_hf:
         torch.manual_seed(0)

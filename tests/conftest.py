@@ -142,26 +142,51 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
-class HostSyncs(TorchDispatchMode):
-    """Count the ops that make the host wait for the device's values (``.item()``,
-    ``bool(tensor)``, ``nonzero`` and boolean-mask indexing). On CPU nothing waits, but the
-    same ops on CUDA stall the host and empty the queue of launched kernels."""
+aten = torch.ops.aten
+# ops whose output size or value the host must read before it can go on
+_SYNCING = frozenset(
+    {
+        aten._local_scalar_dense.default,  # .item(), float(t), bool(t), int(t)
+        aten.nonzero.default,
+        aten.masked_select.default,
+        aten._unique2.default,
+        aten.unique_dim.default,
+        aten.unique_consecutive.default,
+        aten.repeat_interleave.Tensor,
+    }
+)
+_INDEXING = frozenset({aten.index.Tensor, aten.index_put_.default, aten.index_put.default})
 
-    SYNCING = frozenset(
-        {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
-    )
+
+def _waits_for_the_device(func, args) -> bool:
+    if func in _SYNCING:
+        return True
+    # boolean-mask indexing (x[mask], x[mask] = v) finds the mask's true positions first
+    return func in _INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1])
+
+
+class OpLog(TorchDispatchMode):
+    """Record the ATen ops that run inside the block, in order.
+
+    ``host_syncs`` lists those that make the host wait for a device's values. On CPU
+    nothing waits, but the same ops on CUDA stall the host and drain the queue of launched
+    kernels. (``tensor.tolist()`` and ``.cpu()`` also wait on CUDA; on CPU they issue no
+    op this mode can see.)
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: list[str] = []
+        self.ops: list[object] = []
+        self.host_syncs: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCING:
-            self.ops.append(str(func))
+        self.ops.append(func)
+        if _waits_for_the_device(func, args):
+            self.host_syncs.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
-def host_syncs():
-    """``with host_syncs() as syncs: ...`` then ``syncs.ops`` lists the syncing ops."""
-    return HostSyncs
+def op_log():
+    """``with op_log() as log: ...``, then ``log.ops`` and ``log.host_syncs``."""
+    return OpLog

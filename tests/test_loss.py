@@ -38,6 +38,18 @@ def test_matches_plain_cross_entropy_fp64(monkeypatch, bias, chunk_elements):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
+def test_float32_at_training_size_matches_plain_cross_entropy():
+    """Enough rows for the fast float32 path of the head's matmuls (fraglm.matmul)."""
+    args = _inputs(torch.float32, rows=300, dim=16, vocab=70)
+    got = linear_cross_entropy_sum(*args)
+    grads = torch.autograd.grad(got, args[:3])
+    ref_args = [t.detach().clone().requires_grad_() for t in args[:3]]
+    want = _reference(*ref_args, args[3])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for g, w in zip(grads, torch.autograd.grad(want, ref_args), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck():
     hidden, weight, bias, targets = _inputs(torch.float64, rows=6, dim=3, vocab=5)
     assert torch.autograd.gradcheck(
@@ -62,8 +74,8 @@ def test_all_rows_ignored_is_zero_with_zero_gradients():
     assert total == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
 
 
-def test_ignored_rows_cost_no_host_sync(host_syncs):
+def test_ignored_rows_cost_no_host_sync(op_log):
     hidden, weight, bias, targets = _inputs(torch.float32)
-    with host_syncs() as syncs:
+    with op_log() as log:
         linear_cross_entropy_sum(hidden, weight, bias, targets).backward()
-    assert syncs.ops == []
+    assert log.host_syncs == []

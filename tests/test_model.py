@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fraglm import matmul
 from fraglm.config import ModelConfig, load_config
 from fraglm.model import (
     MLP,
@@ -143,7 +144,7 @@ def test_attention_backends_agree_on_logits_and_gradients(arch, documents):
 
 @pytest.mark.parametrize("arch", ["modern", "seed"])
 @pytest.mark.parametrize("backend", ["fragment", "sdpa", "naive"])
-def test_trains_under_bf16_autocast(arch, backend, host_syncs):
+def test_trains_under_bf16_autocast(arch, backend, op_log):
     """The mixed-precision path (bf16 here, fp16 on a P100): loss and gradients close to
     fp32, and no host sync in the step."""
     cfg = replace(TINY, arch=arch, attention=backend)
@@ -152,16 +153,34 @@ def test_trains_under_bf16_autocast(arch, backend, host_syncs):
     results = []
     for autocast in (False, True):
         model = build(cfg)
-        with host_syncs() as syncs:
+        with op_log() as log:
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 loss = model(idx, targets=targets) / targets.numel()
             loss.backward()
-        assert syncs.ops == [] and loss.dtype == torch.float32
+        assert log.host_syncs == [] and loss.dtype == torch.float32
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     (loss32, grads32), (loss16, grads16) = results
     torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0)
     for g16, g32 in zip(grads16, grads32, strict=True):
         assert (g16 - g32).norm() < 0.1 * g32.norm()
+
+
+@pytest.mark.parametrize("arch", ["modern", "seed"])
+def test_onednn_matmuls_match_torch_ones(arch):
+    """The float32 training path (fraglm.matmul): the same loss and gradients either way."""
+    cfg = replace(TINY, arch=arch)
+    gen = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, 50, (2, 4, 32), generator=gen)  # 128 rows
+    results = []
+    for onednn in (True, False):
+        model = build(cfg)
+        with matmul.onednn_enabled(onednn):
+            loss = model(idx, targets=targets)
+            loss.backward()
+            logits = model(idx)
+        results.append((loss.detach(), logits.detach(), [p.grad for p in model.parameters()]))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_documents_do_not_see_each_other():

@@ -138,15 +138,15 @@ def test_loss_falls_from_chance(tokenized, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["fragment", "sdpa"])
-def test_a_step_waits_for_the_device_once(tokenized, tmp_path, host_syncs, backend):
+def test_a_step_waits_for_the_device_once(tokenized, tmp_path, op_log, backend):
     """Micro-batches, loss and clipping queue without waiting; the step's loss is read once."""
     cfg = make_config(
         tokenized, tmp_path / "run", "train.grad_accum=2", f"model.attention={backend}"
     )
     trainer = Trainer(cfg)
-    with host_syncs() as syncs:
+    with op_log() as log:
         trainer.train_step()
-    assert syncs.ops == ["aten._local_scalar_dense.default"]
+    assert log.host_syncs == ["aten._local_scalar_dense.default"]
 
 
 @pytest.mark.slow
