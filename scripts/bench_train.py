@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fraglm import matmul
+from fraglm.allocator import keep_freed_memory
 from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import TrainConfig, load_config
 from fraglm.device import Precision, resolve_device, resolve_precision
@@ -211,6 +212,8 @@ def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does; process-wide, so for every model here
     precision = resolve_precision(args.precision, device)
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     cfg = load_config(P100_CONFIG).model
