@@ -270,18 +270,32 @@ def eval_(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory (hf) or .gguf file (gguf) to write.")
+    ],
     run: RunOption = None,
     format_: Annotated[
-        str, typer.Option("--format", help="Export format: hf (Hugging Face Llama).")
+        str,
+        typer.Option(
+            "--format", help="Export format: hf (Hugging Face Llama) or gguf (llama.cpp, Ollama)."
+        ),
     ] = "hf",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="GGUF weight type: f32, f16 or q8_0 (gguf only).")
+    ] = "f32",
     checkpoint: CheckpointOption = "best",
 ) -> None:
-    """Write a trained run as a Hugging Face model directory (AutoModelForCausalLM)."""
+    """Write a trained run as a Hugging Face model directory or a GGUF file."""
+    if format_ == "gguf":
+        from fraglm.gguf_export import export_gguf
+
+        path = export_gguf(run, out, which=_checkpoint_choice(checkpoint), dtype=dtype)
+        typer.echo(f"exported to {path} (llama.cpp: llama-cli -m {path}; Ollama: see README)")
+        return
     from fraglm.export import export_hf
 
     if format_ != "hf":
-        raise FraglmError(f"--format must be hf, not {format_!r}")
+        raise FraglmError(f"--format must be hf or gguf, not {format_!r}")
     path = export_hf(run, out, which=_checkpoint_choice(checkpoint))
     typer.echo(f"exported to {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
 
