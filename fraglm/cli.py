@@ -281,21 +281,24 @@ def export(
         ),
     ] = "hf",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="GGUF weight type: f32, f16 or q8_0 (gguf only).")
-    ] = "f32",
+        str | None,
+        typer.Option("--dtype", help="GGUF weight type: f32 (default), f16 or q8_0."),
+    ] = None,
     checkpoint: CheckpointOption = "best",
 ) -> None:
     """Write a trained run as a Hugging Face model directory or a GGUF file."""
     if format_ == "gguf":
         from fraglm.gguf_export import export_gguf
 
-        path = export_gguf(run, out, which=_checkpoint_choice(checkpoint), dtype=dtype)
+        path = export_gguf(run, out, which=_checkpoint_choice(checkpoint), dtype=dtype or "f32")
         typer.echo(f"exported to {path} (llama.cpp: llama-cli -m {path}; Ollama: see README)")
         return
     from fraglm.export import export_hf
 
     if format_ != "hf":
         raise FraglmError(f"--format must be hf or gguf, not {format_!r}")
+    if dtype is not None:
+        raise FraglmError("--dtype applies to --format gguf (hf export writes float32)")
     path = export_hf(run, out, which=_checkpoint_choice(checkpoint))
     typer.echo(f"exported to {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
 

@@ -1,18 +1,25 @@
-"""Hugging Face export: the exported Llama model computes what fraglm computes."""
+"""Export: the Hugging Face directory and the GGUF file compute what fraglm computes."""
 
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fraglm.config import SampleConfig, load_config
+from fraglm.chat_template import CHAT_TEMPLATE
+from fraglm.config import END, PAD, SPECIAL_TOKENS, SampleConfig, load_config
 from fraglm.export import export_hf
 from fraglm.generate import Generator, make_rng
+from fraglm.gguf_export import GGUF_DTYPES, export_gguf, gguf_tensors, interleave_rope_rows
+from fraglm.model import RotaryEmbedding, apply_rope
 from fraglm.run import load_run
+from fraglm.tokenizer import load_tokenizer
 from fraglm.train import train
 
 transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +36,11 @@ def _trained(tmp_path: Path, *overrides: str) -> Path:
         ],
     )
     return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory) -> Path:
+    return _trained(tmp_path_factory.mktemp("seed"), "model.arch=seed")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +80,8 @@ def test_cli_export_writes_a_loadable_directory(exported, run_cli, tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
 
 
-def test_seed_architecture_refuses_export(tmp_path, run_cli):
-    run_dir = _trained(tmp_path, "model.arch=seed")
-    run_cli("export", "--run", run_dir, "--out", tmp_path / "hf").assert_user_error(
+def test_seed_architecture_refuses_export(seed_run, tmp_path, run_cli):
+    run_cli("export", "--run", seed_run, "--out", tmp_path / "hf").assert_user_error(
         "supports model.arch = 'modern'"
     )
     assert not (tmp_path / "hf").exists()
@@ -114,3 +125,159 @@ def test_training_gradients_match_transformers():
     expected = llama_state_dict(grads)
     for name, param in hf.named_parameters():
         torch.testing.assert_close(expected[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- GGUF (llama.cpp, Ollama) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_files(exported, tmp_path_factory) -> dict[str, Path]:
+    run_dir, _ = exported
+    out = tmp_path_factory.mktemp("gguf")
+    return {dt: export_gguf(run_dir, out / f"model-{dt}.gguf", dtype=dt) for dt in GGUF_DTYPES}
+
+
+def _field(reader, key):
+    field = reader.fields[key]
+    return field.contents()
+
+
+def test_gguf_metadata_reads_back(exported, gguf_files):
+    run_dir, _ = exported
+    run = load_run(run_dir, device="cpu")
+    m = run.cfg.model
+    reader = gguf.GGUFReader(gguf_files["f32"])
+    expected = {
+        "general.architecture": "llama",
+        "llama.context_length": m.context_length,
+        "llama.embedding_length": m.d_model,
+        "llama.block_count": m.n_layers,
+        "llama.feed_forward_length": 4 * m.d_model,
+        "llama.attention.head_count": m.n_heads,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": m.d_model // m.n_heads,
+        "llama.vocab_size": run.model.vocab_size,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.eos_token_id": run.tokenizer.token_to_id(END),
+        "tokenizer.ggml.padding_token_id": run.tokenizer.token_to_id(PAD),
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+    for key, value in expected.items():
+        assert _field(reader, key) == value, key
+    assert _field(reader, "llama.rope.freq_base") == pytest.approx(500.0)
+    assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(m.norm_eps)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = run.tokenizer.get_vocab(with_added_tokens=True)
+    assert tokens == sorted(vocab, key=vocab.get)
+    types = _field(reader, "tokenizer.ggml.token_type")
+    control = {tokens[i] for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
+    assert control == set(SPECIAL_TOKENS)
+    merges = _field(reader, "tokenizer.ggml.merges")
+    assert len(merges) == len(tokens) - 256 - len(SPECIAL_TOKENS)
+    assert all(len(merge.split(" ")) == 2 for merge in merges)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-2)])
+def test_gguf_every_tensor_reads_back(exported, gguf_files, dtype, atol):
+    run_dir, _ = exported
+    expected = gguf_tensors(load_run(run_dir, device="cpu").model)
+    reader = gguf.GGUFReader(gguf_files[dtype])
+    assert {t.name for t in reader.tensors} == set(expected)
+    assert "output.weight" not in expected  # tied head: llama.cpp falls back to token_embd
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        want = expected[tensor.name]
+        if want.ndim == 1 or dtype == "f32":
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, tensor.name
+        got = torch.from_numpy(values.astype("float32")).reshape(want.shape)
+        torch.testing.assert_close(got, want, rtol=0, atol=atol * want.abs().max().item())
+
+
+def test_interleaved_rope_rows_give_llama_cpp_the_same_scores():
+    """llama.cpp rotates adjacent pairs (x[2i], x[2i+1]); fraglm rotates (x[i], x[i+d/2]).
+    Queries and keys from the reordered rows, rotated llama.cpp's way, give the same
+    attention scores as fraglm's."""
+    torch.manual_seed(0)
+    heads, head_dim, d, t = 3, 8, 16, 5
+    wq, wk = torch.randn(heads * head_dim, d), torch.randn(heads * head_dim, d)
+    x = torch.randn(t, d)
+    cos, sin = RotaryEmbedding(head_dim, 10_000.0)(torch.arange(t))
+
+    def ours(w):
+        return apply_rope((x @ w.T).view(t, heads, head_dim), cos[:, None], sin[:, None])
+
+    def llama_cpp(w):
+        pairs = (x @ w.T).view(t, heads, head_dim // 2, 2)
+        c, s = cos[:, None, : head_dim // 2], -sin[:, None, : head_dim // 2]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        return torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2)
+
+    scores = torch.einsum("qhd,khd->hqk", ours(wq), ours(wk))
+    q, k = llama_cpp(interleave_rope_rows(wq, heads)), llama_cpp(interleave_rope_rows(wk, heads))
+    torch.testing.assert_close(torch.einsum("qhd,khd->hqk", q, k), scores)
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer(gguf_files):
+    path = gguf_files["f32"]
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_gguf_loads_in_transformers_with_matching_logits(exported, gguf_files, gguf_tokenizer):
+    run_dir, _ = exported
+    path = gguf_files["f32"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    assert hf.config.tie_word_embeddings
+    run = load_run(run_dir, device="cpu")
+    text = "<|Q|>I have a headache and a fever<|A|>Rest and drink water.<|END|>"
+    ids = gguf_tokenizer(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == run.tokenizer.encode(text).ids
+    assert gguf_tokenizer.eos_token == END
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, run.model(ids), rtol=0, atol=1e-4)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.lists(st.one_of(st.text(max_size=16), st.sampled_from(SPECIAL_TOKENS)), max_size=6).map(
+        "".join
+    )
+)
+def test_gguf_tokenizer_gives_fraglm_ids(exported, gguf_tokenizer, text):
+    run_dir, _ = exported
+    ours = load_tokenizer(run_dir / "tokenizer.json")
+    assert gguf_tokenizer(text).input_ids == ours.encode(text).ids
+
+
+def test_cli_exports_gguf_atomically(exported, run_cli, tmp_path):
+    run_dir, _ = exported
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"an older file")
+    result = run_cli("export", "--run", run_dir, "--format", "gguf", "--dtype", "q8_0", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert _field(gguf.GGUFReader(out), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left
+
+
+def test_seed_architecture_refuses_gguf_export(seed_run, tmp_path, run_cli):
+    out = tmp_path / "model.gguf"
+    run_cli("export", "--run", seed_run, "--format", "gguf", "-o", out).assert_user_error(
+        "export to GGUF supports model.arch = 'modern'"
+    )
+    assert not out.exists()
+
+
+def test_gguf_dtype_errors(exported, run_cli, tmp_path):
+    run_dir, _ = exported
+    out = tmp_path / "model.gguf"
+    bad = run_cli("export", "--run", run_dir, "--format", "gguf", "--dtype", "q4_k", "-o", out)
+    bad.assert_user_error("--dtype must be one of f32, f16, q8_0")
+    hf = run_cli("export", "--run", run_dir, "--dtype", "f16", "-o", tmp_path / "hf")
+    hf.assert_user_error("--dtype applies to --format gguf")
+    assert not out.exists() and not (tmp_path / "hf").exists()
