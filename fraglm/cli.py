@@ -304,6 +304,24 @@ def export(
 
 
 @app.command()
+def serve(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface; no auth).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    device: DeviceOption = "auto",
+) -> None:
+    """Serve a trained run: OpenAI-compatible API at /v1 and a chat page at / (serve extra)."""
+    try:
+        from fraglm.serve import serve as run_server
+    except ImportError:
+        raise FraglmError('serve needs fastapi and uvicorn: pip install -e ".[serve]"') from None
+    run_server(run, which=_checkpoint_choice(checkpoint), host=host, port=port, device=device)
+
+
+@app.command()
 def plot(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path(
         "curves.png"
