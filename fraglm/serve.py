@@ -132,7 +132,7 @@ class _ServedGenerator(Generator):
         self.ran_out = self.tokens == self.params.max_new_tokens
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     prompt: str
     prompt_tokens: int
@@ -151,7 +151,11 @@ class Engine:
         self.loaded = loaded
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraglm-serve")
         self._lock = threading.Lock()
-        self.in_progress = 0  # queued or running
+        self._jobs: set[_Job] = set()  # queued or running
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._jobs)
 
     def _generate(self, job: _Job, emit: Any) -> None:
         tokenizer = self.loaded.tokenizer
@@ -187,11 +191,11 @@ class Engine:
                 emit(exc)
             finally:
                 with self._lock:
-                    self.in_progress -= 1
+                    self._jobs.discard(job)
                 emit(_DONE)
 
         with self._lock:
-            self.in_progress += 1
+            self._jobs.add(job)
         loop.run_in_executor(self._worker, work)
         try:
             while (item := await queue.get()) is not _DONE:
@@ -202,6 +206,10 @@ class Engine:
             job.cancelled.set()
 
     def close(self) -> None:
+        """Stop every generation (the server is shutting down)."""
+        with self._lock:
+            for job in self._jobs:
+                job.cancelled.set()
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 

@@ -99,6 +99,31 @@ def qa_jsonl(tmp_path, qa_records) -> Path:
     return _write_jsonl(tmp_path / "corpus.jsonl", qa_records)
 
 
+def _train_tiny_run(tmp: Path, *overrides: str) -> Path:
+    from fraglm.config import load_config
+    from fraglm.train import train
+
+    cfg = load_config(
+        REPO_ROOT / "configs/tiny.yaml",
+        [
+            f"data.path={REPO_ROOT / 'data/sample_health_qa.jsonl'}",
+            f"data.tokenized_dir={tmp / 'tokens'}",
+            f"train.out_dir={tmp / 'run'}",
+            "train.max_steps=12",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def train_tiny_run():
+    """``train_tiny_run(tmp_dir, *overrides) -> run_dir``: configs/tiny.yaml for 12 steps on
+    the sample corpus (a few seconds), with ``--set`` style overrides."""
+    return _train_tiny_run
+
+
 @dataclass
 class CliResult:
     exit_code: int

@@ -9,44 +9,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fraglm.chat_template import CHAT_TEMPLATE
-from fraglm.config import END, PAD, SPECIAL_TOKENS, SampleConfig, load_config
+from fraglm.config import END, PAD, SPECIAL_TOKENS, SampleConfig
 from fraglm.export import export_hf
 from fraglm.generate import Generator, make_rng
 from fraglm.gguf_export import GGUF_DTYPES, export_gguf, gguf_tensors, interleave_rope_rows
 from fraglm.model import RotaryEmbedding, apply_rope
 from fraglm.run import load_run
 from fraglm.tokenizer import load_tokenizer
-from fraglm.train import train
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _trained(tmp_path: Path, *overrides: str) -> Path:
-    cfg = load_config(
-        ROOT / "configs/tiny.yaml",
-        [
-            f"data.path={ROOT / 'data/sample_health_qa.jsonl'}",
-            f"data.tokenized_dir={tmp_path / 'tokens'}",
-            f"train.out_dir={tmp_path / 'run'}",
-            "train.max_steps=12",
-            "logging.progress=false",
-            *overrides,
-        ],
-    )
-    return train(cfg).run_dir
 
 
 @pytest.fixture(scope="module")
-def seed_run(tmp_path_factory) -> Path:
-    return _trained(tmp_path_factory.mktemp("seed"), "model.arch=seed")
+def seed_run(train_tiny_run, tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("seed"), "model.arch=seed")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, Path]:
+def exported(train_tiny_run, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    run_dir = _trained(tmp, "model.n_kv_heads=2", "model.rope_theta=500.0")  # GQA, own RoPE base
+    # grouped-query attention and a RoPE base of its own
+    run_dir = train_tiny_run(tmp, "model.n_kv_heads=2", "model.rope_theta=500.0")
     return run_dir, export_hf(run_dir, tmp / "hf")
 
 
