@@ -310,7 +310,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every interface; no auth).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     device: DeviceOption = "auto",
 ) -> None:
     """Serve a trained run: OpenAI-compatible API at /v1 and a chat page at / (serve extra)."""

@@ -301,13 +301,19 @@ def create_app(loaded: LoadedRun) -> FastAPI:
             return await _collect(request, engine.run(job), whole)
 
         async def events() -> AsyncIterator[str]:
-            async for item in engine.run(job):
-                if isinstance(item, Finish):
-                    yield _sse(chunk(None, item))
-                    if include_usage:
-                        yield _sse(chunk(None, None) | {"choices": [], "usage": item.usage()})
-                else:
-                    yield _sse(chunk(item, None))
+            try:
+                async for item in engine.run(job):
+                    if isinstance(item, Finish):
+                        yield _sse(chunk(None, item))
+                        if include_usage:
+                            usage = {"choices": [], "usage": item.usage()}
+                            yield _sse(chunk(None, None) | usage)
+                    else:
+                        yield _sse(chunk(item, None))
+            except Exception as exc:  # the status line has gone out: report in the stream
+                error = ApiError(500, f"internal error: {type(exc).__name__}")
+                yield _sse(json.loads(error.response().body))
+                return
             yield _sse("[DONE]")
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fraglm.chat_template import CHAT_TEMPLATE
+from fraglm.chat_template import CHAT_TEMPLATE, chat_prompt
 from fraglm.config import END, PAD, SPECIAL_TOKENS, SampleConfig
 from fraglm.export import export_hf
 from fraglm.generate import Generator, make_rng
@@ -221,6 +221,12 @@ def test_gguf_loads_in_transformers_with_matching_logits(exported, gguf_files, g
     ids = gguf_tokenizer(text, return_tensors="pt").input_ids
     assert ids[0].tolist() == run.tokenizer.encode(text).ids
     assert gguf_tokenizer.eos_token == END
+    conversation = [("user", "a"), ("assistant", "b"), ("user", "c")]
+    messages = [{"role": role, "content": text} for role, text in conversation]
+    templated = gguf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert templated == chat_prompt(conversation)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, run.model(ids), rtol=0, atol=1e-4)
 
