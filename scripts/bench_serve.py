@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +30,7 @@ from fraglm import checkpoint as ckpt
 from fraglm.benchmarking import machine
 from fraglm.config import load_config
 from fraglm.data import load_records, make_documents
+from fraglm.local_server import server_process
 from fraglm.model import Transformer
 from fraglm.tokenizer import train_tokenizer, vocab_size
 
@@ -69,31 +66,6 @@ def random_run(root: Path) -> Path:
     model = Transformer(cfg.model, vocab_size(tokenizer))
     ckpt.save_checkpoint(root, model, {}, step=0, pointers=("latest", "best"))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(run: Path, port: int, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "fraglm", "serve", "--run", str(run), "--port", str(port)]
-    proc = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 120 s")
 
 
 def one_request(url: str, max_tokens: int, timeout: float, seed: int = 0) -> Sample:
@@ -160,10 +132,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fraglm-bench-serve-") as tmp:
         run = args.run or random_run(Path(tmp) / "run")
-        port = free_port()
-        server = start_server(run, port, args.threads)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        threads = {"OMP_NUM_THREADS": str(args.threads)}
+        with server_process(run, env=threads) as url:
             one_request(url, 4, 120)  # warm-up
             torch.set_num_threads(args.threads)
             model = run if args.run else "random p100-shape run"
@@ -182,12 +152,6 @@ def main() -> None:
                     f"{percentile(totals, 99):.0f} ms |",
                     flush=True,
                 )
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ pytest tests/test_serve.py -k chat_page`` (the other tests need the test's own r
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ from safetensors.torch import save_model
 
 from fraglm import checkpoint as ckpt
 from fraglm.config import END, QUESTION
+from fraglm.local_server import server_process
 from fraglm.run import load_run
 
 openai = pytest.importorskip("openai")
@@ -58,51 +57,18 @@ def run_dir(train_tiny_run, tmp_path_factory) -> Path:
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
     """``fraglm serve`` in a subprocess on a free port; yields its base URL; killed at the end."""
-    port = _free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fraglm", "serve", "--run", str(run_dir), "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, _tail(log)
-            assert time.monotonic() < deadline, "server did not start\n" + _tail(log)
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
+        with server_process(run_dir, output=log, start_timeout_s=START_TIMEOUT_S) as url:
+            yield url
+    except RuntimeError as exc:
+        log.seek(0)
+        raise RuntimeError(f"{exc}\n{log.read()[-3000:]}") from None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
         log.close()
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-3000:]
 
 
 @pytest.fixture
