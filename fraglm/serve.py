@@ -247,6 +247,7 @@ def create_app(loaded: LoadedRun) -> FastAPI:
         "temperature": base.temperature,
         "top_p": base.top_p,
         "top_k": base.top_k,
+        "repetition_penalty": base.repetition_penalty,
         "max_tokens": base.max_new_tokens,
         "seed": base.seed,
     }

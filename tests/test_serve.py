@@ -98,6 +98,10 @@ def _chat_stream(client, model: str, question: str, **kw) -> tuple[str, list]:
 
 def test_models_and_health(server, client, run_dir):
     assert [m.id for m in client.models.list().data] == [run_dir.name]
+    card = httpx.get(server + "/v1/models", timeout=10).json()["data"][0]
+    assert (
+        card["sampling"]["max_tokens"] == load_run(run_dir, device="cpu").cfg.sample.max_new_tokens
+    )
     health = httpx.get(server + "/health", timeout=10).json()
     assert health == {"status": "ok", "model": run_dir.name, "requests_in_progress": 0}
 
@@ -332,6 +336,16 @@ def test_chat_page_streams_an_answer(server, browser, run_dir, tmp_path, run_cli
     wait = WebDriverWait(browser, 30, poll_frequency=0.05)
     browser.get(server + "/")
     wait.until(lambda d: d.find_element(By.ID, "model").text == f"model: {run_dir.name}")
+    defaults = load_run(run_dir, device="cpu").cfg.sample  # the controls start from these
+    for field, value in (
+        ("temperature", defaults.temperature),
+        ("top_p", defaults.top_p),
+        ("top_k", defaults.top_k),
+        ("repetition_penalty", defaults.repetition_penalty),
+        ("max_tokens", defaults.max_new_tokens),
+    ):
+        shown = browser.find_element(By.ID, field).get_attribute("value")
+        assert float(shown) == value, field
     for field, value in (("temperature", "0"), ("max_tokens", "150")):
         box = browser.find_element(By.ID, field)
         box.clear()
