@@ -360,7 +360,7 @@ def test_chat_page_streams_an_answer(server, browser, run_dir, tmp_path, run_cli
     assert meta.split(" ")[0] in ("length", "stop"), meta
     assert answer == _generate_greedy(run_cli, run_dir, QUESTIONS[0], 150)
     lengths = browser.execute_script("return window.answerLengths")
-    assert len(set(lengths)) > 10, lengths  # the text grew piece by piece as it streamed
+    assert len(set(lengths)) > 3, lengths  # the text grew piece by piece as it streamed
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTIONS[0]
     browser.save_screenshot(str(tmp_path / "chat.png"))
     if SCREENSHOT:
