@@ -271,3 +271,44 @@ def test_gguf_dtype_errors(exported, run_cli, tmp_path):
     hf = run_cli("export", "--run", run_dir, "--dtype", "f16", "-o", tmp_path / "hf")
     hf.assert_user_error("--dtype applies to --format gguf")
     assert not out.exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_model(gguf_files):
+    """The f32 file in llama.cpp itself, through the llama-cpp-python binding, with an f32
+    KV cache so that its logits compare at fp32 tolerances. Skips without the binding: it
+    compiles llama.cpp when installed (about half an hour on 2 cores), so CI leaves it out;
+    `pip install llama-cpp-python` runs these tests."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = 0  # GGML_TYPE_F32
+    return llama_cpp.Llama(
+        model_path=str(gguf_files["f32"]), n_ctx=64, n_threads=1, logits_all=True,
+        type_k=f32, type_v=f32, verbose=False,
+    )  # fmt: skip
+
+
+def test_llama_cpp_computes_what_fraglm_computes(exported, llama_cpp_model):
+    run = load_run(exported[0], device="cpu")
+    text = "<|Q|>I have a headache and a fever<|A|>Rest and drink water."
+    ids = llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids == run.tokenizer.encode(text).ids
+    llama_cpp_model.reset()
+    llama_cpp_model.eval(ids)
+    logits = torch.tensor(llama_cpp_model.scores[: len(ids)], dtype=torch.float32)
+    with torch.no_grad():
+        expected = run.model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.lists(st.one_of(st.text(max_size=16), st.sampled_from(SPECIAL_TOKENS)), max_size=6).map(
+        "".join
+    )
+)
+def test_llama_cpp_tokenizer_gives_fraglm_ids(exported, llama_cpp_model, text):
+    ours = load_tokenizer(exported[0] / "tokenizer.json")
+    got = llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True) if text else []
+    assert got == ours.encode(text).ids
