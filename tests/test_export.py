@@ -21,6 +21,15 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 
+# arbitrary Unicode with the special tokens glued in anywhere
+TEXT_WITH_SPECIALS = st.lists(
+    st.one_of(st.text(max_size=16), st.sampled_from(SPECIAL_TOKENS)), max_size=6
+).map("".join)
+TOKENIZER_SAMPLE = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
 @pytest.fixture(scope="module")
 def seed_run(train_tiny_run, tmp_path_factory) -> Path:
     return train_tiny_run(tmp_path_factory.mktemp("seed"), "model.arch=seed")
@@ -231,14 +240,8 @@ def test_gguf_loads_in_transformers_with_matching_logits(exported, gguf_files, g
         torch.testing.assert_close(hf(ids).logits, run.model(ids), rtol=0, atol=1e-4)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    text=st.lists(st.one_of(st.text(max_size=16), st.sampled_from(SPECIAL_TOKENS)), max_size=6).map(
-        "".join
-    )
-)
+@TOKENIZER_SAMPLE
+@given(text=TEXT_WITH_SPECIALS)
 def test_gguf_tokenizer_gives_fraglm_ids(exported, gguf_tokenizer, text):
     run_dir, _ = exported
     ours = load_tokenizer(run_dir / "tokenizer.json")
@@ -300,14 +303,8 @@ def test_llama_cpp_computes_what_fraglm_computes(exported, llama_cpp_model):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    text=st.lists(st.one_of(st.text(max_size=16), st.sampled_from(SPECIAL_TOKENS)), max_size=6).map(
-        "".join
-    )
-)
+@TOKENIZER_SAMPLE
+@given(text=TEXT_WITH_SPECIALS)
 def test_llama_cpp_tokenizer_gives_fraglm_ids(exported, llama_cpp_model, text):
     ours = load_tokenizer(exported[0] / "tokenizer.json")
     got = llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True) if text else []
