@@ -124,9 +124,11 @@ class CliResult:
 def run_cli(monkeypatch, capsys):
     """Run the real entry point (``fraglm.cli.main``) in-process: ``run_cli("tokenize", ...)``.
 
-    An exception that is not turned into a message escapes and fails the test.
+    An exception that is not a ``FraglmError`` escapes (``FRAGLM_DEBUG``) and fails the test.
     """
     from fraglm.cli import main
+
+    monkeypatch.setenv("FRAGLM_DEBUG", "1")  # an unforeseen exception escapes main()
 
     def run(*args: object) -> CliResult:
         capsys.readouterr()
