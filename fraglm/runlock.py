@@ -96,7 +96,7 @@ class DirectoryLock:
         self._fd = -1
 
     def __enter__(self) -> DirectoryLock:
-        return self.acquire()
+        return self if self._fd >= 0 else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

@@ -49,7 +49,7 @@ def test_every_shipped_config_survives_show(path):
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
 def test_an_empty_file_is_an_error_not_all_defaults(tmp_path, text):
     (tmp_path / "empty.yaml").write_text(text, encoding="utf-8")
-    with pytest.raises(FraglmError, match="empty.yaml is empty; .* leave out --config"):
+    with pytest.raises(FraglmError, match=r"empty\.yaml is empty; .* leave out --config"):
         load_config(tmp_path / "empty.yaml")
 
 
