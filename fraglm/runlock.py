@@ -3,8 +3,8 @@
 The lock file holds the owner's pid, host, command and start time, so a second writer
 is told who holds the directory. The kernel drops a flock when its process dies, so a
 lock left by a killed run is stale by construction: the next writer takes it over (and
-says whose it was). The file itself stays; it is emptied on release, never deleted (a
-process waiting on the old inode would otherwise lock a file nobody else sees).
+says whose it was). A clean release deletes the file; a writer that locked a file just
+deleted that way sees that its path no longer names it and counts the lock as taken.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class DirectoryLock:
         except OSError as exc:
             os.close(fd)
             raise FraglmError(f"could not lock {self.what}: {exc.strerror or exc}") from None
+        if not _names(self.path, fd):  # its holder released and deleted it meanwhile
+            os.close(fd)
+            return self.acquire()
         previous = _read_holder(fd)
         self.stale = _holder_text(previous) if previous else None
         record = {
@@ -91,7 +94,7 @@ class DirectoryLock:
         if self._fd < 0:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
+            self.path.unlink()
         os.close(self._fd)  # closing drops the flock
         self._fd = -1
 
@@ -100,6 +103,14 @@ class DirectoryLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

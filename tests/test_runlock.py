@@ -48,7 +48,7 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
     with runlock.lock_run(tmp_path) as second:
         assert json.loads((tmp_path / runlock.LOCK_FILE).read_text())["pid"] == os.getpid()
         assert second.stale is None
-    assert (tmp_path / runlock.LOCK_FILE).read_text() == ""  # released: emptied, not deleted
+    assert not (tmp_path / runlock.LOCK_FILE).exists()  # a clean release leaves nothing
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
