@@ -296,11 +296,23 @@ def verify_file(ckpt_dir: Path, name: str) -> Path:
 
 
 def verify_checkpoint(ckpt_dir: Path) -> None:
-    """Every file of the checkpoint matches its manifest (raises a one-line error)."""
+    """Every file of the checkpoint matches its manifest, the weights are finite and the
+    state has the types it must have (raises a one-line error)."""
     if not ckpt_dir.is_dir():
         raise FraglmError(f"checkpoint {ckpt_dir} is missing")
-    for name in CHECKPOINT_FILES:
-        verify_file(ckpt_dir, name)
+    path = verify_file(ckpt_dir, WEIGHTS_FILE)
+    try:
+        tensors = safetensors.torch.load_file(path)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise FraglmError(f"checkpoint {path} is corrupt: {first_line(exc)}") from None
+    _check_finite(tensors, path)
+    load_state(ckpt_dir)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise FraglmError(f"checkpoint {path} holds non-finite weights (NaN or inf) in {name}")
 
 
 def _verifies(ckpt_dir: Path) -> bool:
@@ -333,9 +345,7 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
             f"checkpoint {path} does not fit this model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not tensor.isfinite().all():
-            raise FraglmError(f"checkpoint {path} holds non-finite weights (NaN or inf) in {name}")
+    _check_finite(model.state_dict(), path)
 
 
 def load_state(ckpt_dir: Path) -> dict[str, Any]:
