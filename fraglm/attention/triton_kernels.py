@@ -48,10 +48,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fraglm.attention.documents import fragment_doc_ranges
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-MIN_BLOCK, MAX_BLOCK = 16, 128
 
 
 @triton.jit
@@ -445,32 +446,15 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
 
 
-def block_size(fragment_size: int, head_dim: int) -> int:
-    """The kernels' square tile: the fragment rounded down to a power of two in 16..128
-    (64 for head dims above 64, so that a tile's operands fit in shared memory)."""
-    top = MAX_BLOCK if head_dim <= 64 else MAX_BLOCK // 2
-    size = 1 << max(0, fragment_size.bit_length() - 1)
-    return max(MIN_BLOCK, min(size, top))
-
-
 def block_doc_ranges(doc: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per batch row and block of ``block`` tokens: min and max non-padding document id
-    and 'one document, no padding' (int32, (B, n_blocks), on the device of ``doc``)."""
-    batch, length = doc.shape
-    n = -(-length // block)
-    padded = doc.new_full((batch, n * block), -1)
-    padded[:, :length] = doc
-    padded = padded.view(batch, n, block)
-    pad = padded < 0
+    """:func:`fragment_doc_ranges` of kernel blocks, as int32 kernel arguments."""
+    lo, hi, pure = fragment_doc_ranges(doc, block)
     big = torch.iinfo(torch.int32).max
-    lo = padded.masked_fill(pad, big).amin(-1)
-    hi = padded.masked_fill(pad, -1).amax(-1)
-    pure = (lo == hi) & ~pad.any(-1)
-    return lo.to(torch.int32), hi.to(torch.int32), pure.to(torch.int32)
+    return lo.clamp(max=big).to(torch.int32), hi.to(torch.int32), pure.to(torch.int32)
 
 
 def _head_block(head_dim: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(head_dim))
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _precision(dtype: torch.dtype) -> str | None:

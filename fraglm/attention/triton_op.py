@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fraglm.errors import FraglmError
 
-__all__ = ["IMPLS", "resolve_impl"]
+__all__ = ["IMPLS", "block_size", "resolve_impl"]
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,6 +79,15 @@ def resolve_impl(impl: str, q: Tensor) -> str:
             f"impl='triton' needs a CUDA GPU of compute capability 7.0 or newer, got {q.device}"
         )
     return "triton"
+
+
+def block_size(fragment_size: int, head_dim: int) -> int:
+    """The kernels' square tile: the fragment rounded down to a power of two in 16..128
+    (at most 64 for head dims above 64, so that a tile's operands fit in shared memory).
+    The tile size changes speed only, never results."""
+    top = 128 if head_dim <= 64 else 64
+    size = 1 << max(0, fragment_size.bit_length() - 1)
+    return max(16, min(size, top))
 
 
 def _grad_dtype(fp32: bool) -> torch.dtype | None:
