@@ -135,7 +135,8 @@ def test_half_inputs_keep_fp32_statistics(dtype: torch.dtype) -> None:
 @here
 def test_lse_gradient() -> None:
     """The op's log-sum-exp output is differentiable too (dLSE enters as D - dLSE)."""
-    q, k, v, _, _ = inputs(Case(batch=1, heads=2, kv_heads=2, n_q=20, n_k=20, dim=16), torch.float64)
+    case = Case(batch=1, heads=2, kv_heads=2, n_q=20, n_k=20, dim=16)
+    q, k, v, _, _ = inputs(case, torch.float64)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     _, lse = torch.ops.fraglm.fragment_fwd(q32, k32, v32, None, None, True, 16, 0.25, 0, 0, False)
     got = torch.autograd.grad(lse.sum(), (q32, k32, v32))

@@ -555,8 +555,9 @@ def backward(
         "BLOCK_D": _head_block(dim), "PRECISION": _precision(q.dtype),
         **_launch_options(block, dim),
     }  # fmt: skip
-    sizes = (heads, heads // kv_heads, n_q, n_k, q_start, k_start,
-             triton.cdiv(n_q, block), triton.cdiv(n_k, block), scale * LOG2E, scale, dim)  # fmt: skip
+    n_blocks = (triton.cdiv(n_q, block), triton.cdiv(n_k, block))
+    sizes = (heads, heads // kv_heads, n_q, n_k, q_start, k_start, *n_blocks, scale * LOG2E,
+             scale, dim)  # fmt: skip
     inputs = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     _dkdv_kernel[(triton.cdiv(n_k, block), batch * kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, *docs.tensors(),
