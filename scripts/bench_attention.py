@@ -213,15 +213,22 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else ""
 
 
-def table(results: list[Result]) -> str:
-    lines = [
-        "| T | backend | dtype | F | fwd+bwd ms | peak MiB | time / sdpa | memory / sdpa |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
-    ]
+TABLE_HEADER = (
+    "| T | backend | dtype | F | fwd+bwd ms | peak MiB | time / sdpa | memory / sdpa |\n"
+    "|---:|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def table_rows(results: list[Result]) -> str:
+    """Rows of the results of one sequence length; ratios against ``sdpa`` (or
+    ``sdpa-flash`` where it did not run), ``-doc`` variants against ``sdpa-doc``."""
+    lines = []
     for r in results:
-        base = find(
-            results, "sdpa-doc" if r.variant.endswith("-doc") else "sdpa", r.seq_len, r.dtype
+        base = find(results, "sdpa", r.seq_len, r.dtype) or find(
+            results, "sdpa-flash", r.seq_len, r.dtype
         )
+        if r.variant.endswith("-doc"):
+            base = find(results, "sdpa-doc", r.seq_len, r.dtype)
         ms = f"{r.ms:.1f}" if r.ms is not None else r.note
         mib = f"{r.peak_mib:.1f}" if r.peak_mib is not None else ""
         lines.append(
@@ -296,12 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         f"Shape: B={args.batch}, H={args.heads}{kv}, D={args.head_dim}, causal; -doc variants "
         f"pack {args.docs} equal documents; median of {args.repeats} runs\n"
     )
+    print(TABLE_HEADER, flush=True)
     results = []
     for dtype_name in args.dtypes:
         for n in args.seq_lens:
-            results += bench_length(args, dtype_name, n)
-            print(f"done T={n} {dtype_name}", file=sys.stderr, flush=True)
-    print(table(results))
+            length_results = bench_length(args, dtype_name, n)
+            results += length_results
+            # each length's rows as soon as they are measured: a run stopped by a time
+            # limit keeps what it measured
+            print(table_rows(length_results), flush=True)
     print(f"\nLoad average (1, 5, 15 min) at start {load_start}, at end {load_average()}")
     lines = targets(results) + gpu_targets(results)
     if lines:
