@@ -290,7 +290,7 @@ def fragment_forward(
     _check(q, k, v)
     if resolve_impl(impl, q) == "triton":
         k, v = k.to(q.dtype), v.to(q.dtype)
-        block = block_size(fragment_size, q.shape[-1])
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
         return torch.ops.fraglm.fragment_fwd(
             q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, True
         )
@@ -388,7 +388,7 @@ def fragment_backward(
     _check(q, k, v)
     if resolve_impl(impl, q) == "triton":
         k, v, dout = k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype)
-        block = block_size(fragment_size, q.shape[-1])
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
         return torch.ops.fraglm.fragment_bwd(
             q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, True
         )
@@ -563,7 +563,7 @@ def fragment_attention(
         return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     if use_triton:
         q_doc, k_doc = _split_docs(doc_ids, q.shape[2])
-        block = block_size(fragment_size, q.shape[-1])
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
         out, _ = torch.ops.fraglm.fragment_fwd(
             q, k.to(q.dtype), v.to(q.dtype), q_doc, k_doc, causal, block, scale,
             k.shape[2] - q.shape[2], 0, False,

@@ -72,15 +72,13 @@ def _visible(
 
 
 @triton.jit
-def _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, qb, kb, HAS_DOCS: tl.constexpr):
+def _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, qb, kb):
     """(tile has a possibly visible pair, tile needs the document mask)."""
-    if HAS_DOCS:
-        qlo, qhi, qpure = tl.load(QLO + qb), tl.load(QHI + qb), tl.load(QPURE + qb)
-        klo, khi, kpure = tl.load(KLO + kb), tl.load(KHI + kb), tl.load(KPURE + kb)
-        meet = (qlo <= khi) & (klo <= qhi)
-        same = (qpure != 0) & (kpure != 0) & (qlo == klo)
-        return meet, ~same
-    return True, False
+    qlo, qhi, qpure = tl.load(QLO + qb), tl.load(QHI + qb), tl.load(QPURE + qb)
+    klo, khi, kpure = tl.load(KLO + kb), tl.load(KHI + kb), tl.load(KPURE + kb)
+    meet = (qlo <= khi) & (klo <= qhi)
+    same = (qpure != 0) & (kpure != 0) & (qlo == klo)
+    return meet, ~same
 
 
 @triton.jit
@@ -158,29 +156,37 @@ def _fwd_kernel(
     first_q = q_start + pid_m * BLOCK_M
     last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
+    # Without documents the loop bodies are straight-line code (loads can be pipelined).
     for start_n in range(0, full, BLOCK_N):
-        meet, doc_mask = _tile_kind(
-            QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N, HAS_DOCS
-        )
-        if meet:
-            if doc_mask:
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
-                    offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                    True, False, HAS_DOCS, PRECISION,
-                )  # fmt: skip
-            else:
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
-                    offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                    False, False, False, PRECISION,
-                )  # fmt: skip
+        if HAS_DOCS:
+            meet, doc_mask = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
+            if meet:
+                if doc_mask:
+                    acc, m_i, l_i = _fwd_tile(
+                        acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
+                        n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                        True, False, True, PRECISION,
+                    )  # fmt: skip
+                else:
+                    acc, m_i, l_i = _fwd_tile(
+                        acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
+                        n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                        False, False, False, PRECISION,
+                    )  # fmt: skip
+        else:
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
+                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                False, False, False, PRECISION,
+            )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
-        meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N, HAS_DOCS)
+        meet = True
+        if HAS_DOCS:
+            meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
         if meet:
             acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
-                offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
+                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
                 True, CAUSAL, HAS_DOCS, PRECISION,
             )  # fmt: skip
     empty = l_i == 0.0
@@ -202,8 +208,10 @@ def _delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < head_dim)
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], mask=mask)
-    do = tl.load(DOUT + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_d[None, :], mask=mask)
+    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+                mask=mask, other=0.0)  # fmt: skip
+    do = tl.load(DOUT + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_d[None, :],
+                 mask=mask, other=0.0)  # fmt: skip
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * n_q + offs_m, delta, mask=offs_m < n_q)
 
@@ -308,9 +316,9 @@ def _dkdv_kernel(
         lse_ptr = LSE + bh * n_q
         delta_ptr = DELTA + bh * n_q
         for start_m in range(lo, full, BLOCK_M):
-            meet, _ = _tile_kind(
-                QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n, HAS_DOCS
-            )
+            meet = True
+            if HAS_DOCS:
+                meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n)
             if meet:
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
@@ -319,28 +327,36 @@ def _dkdv_kernel(
                     True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
                 )  # fmt: skip
         for start_m in range(full, full_end, BLOCK_M):
-            meet, doc_mask = _tile_kind(
-                QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n, HAS_DOCS
-            )
-            if meet:
-                if doc_mask:
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                        tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                        QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                        True, False, HAS_DOCS, BLOCK_M, PRECISION,
-                    )  # fmt: skip
-                else:
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                        tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                        QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                        False, False, False, BLOCK_M, PRECISION,
-                    )  # fmt: skip
+            if HAS_DOCS:
+                meet, doc_mask = _tile_kind(
+                    QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n
+                )
+                if meet:
+                    if doc_mask:
+                        dk, dv = _dkdv_tile(
+                            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t,
+                            sdo_t, tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start,
+                            k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
+                            True, False, True, BLOCK_M, PRECISION,
+                        )  # fmt: skip
+                    else:
+                        dk, dv = _dkdv_tile(
+                            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t,
+                            sdo_t, tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start,
+                            k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
+                            False, False, False, BLOCK_M, PRECISION,
+                        )  # fmt: skip
+            else:
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
+                    tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
+                    QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
+                    False, False, False, BLOCK_M, PRECISION,
+                )  # fmt: skip
         for start_m in range(full_end, n_q, BLOCK_M):
-            meet, _ = _tile_kind(
-                QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n, HAS_DOCS
-            )
+            meet = True
+            if HAS_DOCS:
+                meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n)
             if meet:
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
@@ -417,24 +433,31 @@ def _dq_kernel(
     last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        meet, doc_mask = _tile_kind(
-            QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N, HAS_DOCS
-        )
-        if meet:
-            if doc_mask:
-                dq = _dq_tile(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                    n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                    True, False, HAS_DOCS, PRECISION,
-                )  # fmt: skip
-            else:
-                dq = _dq_tile(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                    n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                    False, False, False, PRECISION,
-                )  # fmt: skip
+        if HAS_DOCS:
+            meet, doc_mask = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
+            if meet:
+                if doc_mask:
+                    dq = _dq_tile(
+                        dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
+                        offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                        True, False, True, PRECISION,
+                    )  # fmt: skip
+                else:
+                    dq = _dq_tile(
+                        dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
+                        offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                        False, False, False, PRECISION,
+                    )  # fmt: skip
+        else:
+            dq = _dq_tile(
+                dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
+                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
+                False, False, False, PRECISION,
+            )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
-        meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N, HAS_DOCS)
+        meet = True
+        if HAS_DOCS:
+            meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
         if meet:
             dq = _dq_tile(
                 dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,

@@ -81,11 +81,11 @@ def resolve_impl(impl: str, q: Tensor) -> str:
     return "triton"
 
 
-def block_size(fragment_size: int, head_dim: int) -> int:
+def block_size(fragment_size: int, head_dim: int, dtype: torch.dtype) -> int:
     """The kernels' square tile: the fragment rounded down to a power of two in 16..128
-    (at most 64 for head dims above 64, so that a tile's operands fit in shared memory).
-    The tile size changes speed only, never results."""
-    top = 128 if head_dim <= 64 else 64
+    (at most 64 for fp32 or head dims above 64, so that a tile's operands fit in shared
+    memory). The tile size changes speed only, never results."""
+    top = 128 if head_dim <= 64 and dtype.itemsize == 2 else 64
     size = 1 << max(0, fragment_size.bit_length() - 1)
     return max(16, min(size, top))
 
