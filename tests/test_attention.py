@@ -393,3 +393,9 @@ def test_triton_on_cpu_needs_the_interpreter() -> None:
     with pytest.raises(FraglmError, match="TRITON_INTERPRET=1") as err:
         fragment_attention(q, q, q, impl="triton")
     assert "\n" not in str(err.value)
+    from fraglm.config import ModelConfig
+    from fraglm.model import Transformer
+
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, context_length=8, fragment_impl="triton")
+    with pytest.raises(FraglmError, match="TRITON_INTERPRET=1"):
+        Transformer(cfg, 20)(torch.zeros(1, 8, dtype=torch.long))
