@@ -9,7 +9,7 @@ Triton itself is imported on the first call, so fraglm runs without it (CPU, MPS
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -24,24 +24,20 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Looked up once, without importing triton (which costs seconds and is not needed on CPU).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def kernels() -> ModuleType:
     """The kernel module (imports triton); a one-line error where triton is missing."""
-    if not _triton_importable():
+    if not HAS_TRITON:
         raise FraglmError("impl='triton' needs triton: pip install 'fraglm[gpu]'")
     from fraglm.attention import triton_kernels
 
     return triton_kernels
 
 
+@torch.compiler.assume_constant_result
 def _gpu_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
@@ -60,7 +56,7 @@ def resolve_impl(impl: str, q: Tensor) -> str:
     if impl == "torch" or (impl == "auto" and not (fits and _gpu_supported(q.device))):
         return "torch"
     if impl == "auto":
-        return "triton" if _triton_importable() else "torch"
+        return "triton" if HAS_TRITON else "torch"
     if not fits:
         raise FraglmError(
             f"impl='triton' takes fp32/fp16/bf16 with head dim <= {MAX_HEAD_DIM}, "
