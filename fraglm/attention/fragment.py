@@ -116,12 +116,26 @@ def _reads_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-@functools.lru_cache(maxsize=256)
+_PLANS: dict[tuple[int, int, int, bool, int, int, bool], tuple[_Tile, ...]] = {}
+
+
 def _shape_plan(
     n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
 ) -> tuple[_Tile, ...]:
-    """The tiles a shape needs, built once per shape: causal tiles wholly in the future
-    are left out; with ``docs`` every tile carries the document mask."""
+    """The tiles a shape needs, built once per shape (a plain dict, which torch.compile
+    traces without a warning): causal tiles wholly in the future are left out; with
+    ``docs`` every tile carries the document mask."""
+    key = (n_q, n_k, size, causal, q_start, k_start, docs)
+    if key not in _PLANS:
+        if len(_PLANS) >= 1024:  # decoding with a cache meets a new key length each step
+            _PLANS.clear()
+        _PLANS[key] = _build_plan(*key)
+    return _PLANS[key]
+
+
+def _build_plan(
+    n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
+) -> tuple[_Tile, ...]:
     n_qf, n_kf = -(-n_q // size), -(-n_k // size)
     tiles = []
     for i in range(n_qf):
