@@ -24,10 +24,10 @@ grouped-query attention sums ``dK``/``dV`` in registers: no K/V copies and no at
 
 Tiles: a causal tile wholly in the future is never visited (the loops stop at the
 diagonal) and only tiles that cross the diagonal or the sequence end are masked. With
-document ids, each block carries the min and max non-padding id it holds and whether it
-is one document without padding (:func:`block_doc_ranges`, computed on the device): a
-tile whose ranges cannot meet is skipped, one whose blocks hold the same single document
-is unmasked. All statistics and accumulators are fp32; ``tl.dot`` takes fp16/bf16
+document ids, each block's min and max non-padding id (:func:`block_doc_ranges`, computed
+on the device, no host sync) decide: a tile whose ranges cannot meet is skipped, the
+others are masked by id (a load of one id per key and a compare, next to the tile's two
+matrix products). All statistics and accumulators are fp32; ``tl.dot`` takes fp16/bf16
 operands (tensor cores) and fp32 operands at full precision (``ieee``, not tf32).
 
 Queries are the positions ``q_start ...`` and keys ``k_start ...``: a key is visible iff
@@ -72,13 +72,9 @@ def _visible(
 
 
 @triton.jit
-def _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, qb, kb):
-    """(tile has a possibly visible pair, tile needs the document mask)."""
-    qlo, qhi, qpure = tl.load(QLO + qb), tl.load(QHI + qb), tl.load(QPURE + qb)
-    klo, khi, kpure = tl.load(KLO + kb), tl.load(KHI + kb), tl.load(KPURE + kb)
-    meet = (qlo <= khi) & (klo <= qhi)
-    same = (qpure != 0) & (kpure != 0) & (qlo == klo)
-    return meet, ~same
+def _tiles_meet(QLO, QHI, KLO, KHI, qb, kb):
+    """Whether the document id ranges of query block ``qb`` and key block ``kb`` meet."""
+    return (tl.load(QLO + qb) <= tl.load(KHI + kb)) & (tl.load(KLO + kb) <= tl.load(QHI + qb))
 
 
 @triton.jit
@@ -122,7 +118,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, QDOC, KDOC, QLO, QHI, QPURE, KLO, KHI, KPURE,
+    Q, K, V, OUT, LSE, QDOC, KDOC, QLO, QHI, KLO, KHI,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
     sqd_b, sqd_t, skd_b, skd_t,
     n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, head_dim,
@@ -146,43 +142,31 @@ def _fwd_kernel(
         KDOC += b * skd_b
         QLO += b * n_qb
         QHI += b * n_qb
-        QPURE += b * n_qb
         KLO += b * n_kb
         KHI += b * n_kb
-        KPURE += b * n_kb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first_q = q_start + pid_m * BLOCK_M
     last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
-    # Without documents the loop bodies are straight-line code (loads can be pipelined).
+    # Full tiles need no causal or bounds mask; with documents, tiles whose id ranges
+    # cannot meet are skipped and the others masked. Without documents the loop body is
+    # straight-line code, so that its loads can be pipelined.
     for start_n in range(0, full, BLOCK_N):
+        meet = True
         if HAS_DOCS:
-            meet, doc_mask = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
-            if meet:
-                if doc_mask:
-                    acc, m_i, l_i = _fwd_tile(
-                        acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                        n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                        True, False, True, PRECISION,
-                    )  # fmt: skip
-                else:
-                    acc, m_i, l_i = _fwd_tile(
-                        acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                        n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                        False, False, False, PRECISION,
-                    )  # fmt: skip
-        else:
+            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
+        if meet:
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
                 n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                False, False, False, PRECISION,
+                HAS_DOCS, False, HAS_DOCS, PRECISION,
             )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
         meet = True
         if HAS_DOCS:
-            meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
+            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
         if meet:
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
@@ -264,8 +248,29 @@ def _dkdv_tile(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, offs_n, offs_d, start_n,
+    n_q, n_k, q_start, k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
+    QLO, QHI, KLO, KHI, kb,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One query block of a key block's loop; skipped when the documents cannot meet."""
+    meet = True
+    if HAS_DOCS:
+        meet = _tiles_meet(QLO, QHI, KLO, KHI, start_m // BLOCK_M, kb)
+    if meet:
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, offs_n, offs_d, start_n,
+            n_q, n_k, q_start, k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
+            MASKED, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
+        )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QLO, QHI, QPURE, KLO, KHI, KPURE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QLO, QHI, KLO, KHI,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
     sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t, sqd_b, sqd_t, skd_b, skd_t,
     n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, scale, head_dim,
@@ -290,10 +295,8 @@ def _dkdv_kernel(
         KDOC += b * skd_b
         QLO += b * n_qb
         QHI += b * n_qb
-        QPURE += b * n_qb
         KLO += b * n_kb
         KHI += b * n_kb
-        KPURE += b * n_kb
     # Query blocks that see this key block: from the first one holding a query at or
     # after its first key (when causal); unmasked once every query is past its last key.
     if CAUSAL:
@@ -315,55 +318,28 @@ def _dkdv_kernel(
         do_ptr = DO + b * sdo_b + h * sdo_h
         lse_ptr = LSE + bh * n_q
         delta_ptr = DELTA + bh * n_q
+        # masked tiles at the diagonal, full tiles, then the last (partial) query block
         for start_m in range(lo, full, BLOCK_M):
-            meet = True
-            if HAS_DOCS:
-                meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n)
-            if meet:
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                    tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                    QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                    True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
-                )  # fmt: skip
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
+                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
+                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
+                True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
+            )  # fmt: skip
         for start_m in range(full, full_end, BLOCK_M):
-            if HAS_DOCS:
-                meet, doc_mask = _tile_kind(
-                    QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n
-                )
-                if meet:
-                    if doc_mask:
-                        dk, dv = _dkdv_tile(
-                            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t,
-                            sdo_t, tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start,
-                            k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                            True, False, True, BLOCK_M, PRECISION,
-                        )  # fmt: skip
-                    else:
-                        dk, dv = _dkdv_tile(
-                            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t,
-                            sdo_t, tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start,
-                            k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                            False, False, False, BLOCK_M, PRECISION,
-                        )  # fmt: skip
-            else:
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                    tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                    QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                    False, False, False, BLOCK_M, PRECISION,
-                )  # fmt: skip
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
+                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
+                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
+                HAS_DOCS, False, HAS_DOCS, BLOCK_M, PRECISION,
+            )  # fmt: skip
         for start_m in range(full_end, n_q, BLOCK_M):
-            meet = True
-            if HAS_DOCS:
-                meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, start_m // BLOCK_M, pid_n)
-            if meet:
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                    tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                    QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-                    True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
-                )  # fmt: skip
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
+                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
+                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
+                True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
+            )  # fmt: skip
     dk = dk * scale
     tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
@@ -394,7 +370,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, QLO, QHI, QPURE, KLO, KHI, KPURE,
+    Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, QLO, QHI, KLO, KHI,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
     sdq_b, sdq_h, sdq_t, sqd_b, sqd_t, skd_b, skd_t,
     n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, scale, head_dim,
@@ -424,40 +400,26 @@ def _dq_kernel(
         KDOC += b * skd_b
         QLO += b * n_qb
         QHI += b * n_qb
-        QPURE += b * n_qb
         KLO += b * n_kb
         KHI += b * n_kb
-        KPURE += b * n_kb
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first_q = q_start + pid_m * BLOCK_M
     last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
     for start_n in range(0, full, BLOCK_N):
+        meet = True
         if HAS_DOCS:
-            meet, doc_mask = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
-            if meet:
-                if doc_mask:
-                    dq = _dq_tile(
-                        dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
-                        offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                        True, False, True, PRECISION,
-                    )  # fmt: skip
-                else:
-                    dq = _dq_tile(
-                        dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
-                        offs_m, n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                        False, False, False, PRECISION,
-                    )  # fmt: skip
-        else:
+            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
+        if meet:
             dq = _dq_tile(
                 dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
                 n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                False, False, False, PRECISION,
+                HAS_DOCS, False, HAS_DOCS, PRECISION,
             )  # fmt: skip
     for start_n in range(full, hi, BLOCK_N):
         meet = True
         if HAS_DOCS:
-            meet, _ = _tile_kind(QLO, QHI, QPURE, KLO, KHI, KPURE, pid_m, start_n // BLOCK_N)
+            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
         if meet:
             dq = _dq_tile(
                 dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
@@ -469,11 +431,10 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
 
 
-def block_doc_ranges(doc: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`fragment_doc_ranges` of kernel blocks, as int32 kernel arguments."""
-    lo, hi, pure = fragment_doc_ranges(doc, block)
-    big = torch.iinfo(torch.int32).max
-    return lo.clamp(max=big).to(torch.int32), hi.to(torch.int32), pure.to(torch.int32)
+def block_doc_ranges(doc: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Min and max document id of each kernel block (:func:`fragment_doc_ranges`), int32."""
+    lo, hi, _ = fragment_doc_ranges(doc, block)
+    return lo.clamp(max=torch.iinfo(torch.int32).max).to(torch.int32), hi.to(torch.int32)
 
 
 def _head_block(head_dim: int) -> int:
@@ -500,7 +461,7 @@ class _Docs:
         if q_doc is None or k_doc is None:
             dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
             self.q, self.k = dummy, dummy
-            self.q_ranges = self.k_ranges = (dummy, dummy, dummy)
+            self.q_ranges = self.k_ranges = (dummy, dummy)
             self.strides = (0, 0, 0, 0)
             return
         self.q, self.k = q_doc, k_doc
