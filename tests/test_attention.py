@@ -399,3 +399,19 @@ def test_triton_on_cpu_needs_the_interpreter() -> None:
     cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, context_length=8, fragment_impl="triton")
     with pytest.raises(FraglmError, match="TRITON_INTERPRET=1"):
         Transformer(cfg, 20)(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "triton"),
+    [
+        ((6, 0), torch.float16, False),  # P100: the tile loop
+        ((7, 0), torch.float16, True),  # V100
+        ((7, 5), torch.bfloat16, False),  # T4: no bf16 tensor cores
+        ((9, 0), torch.bfloat16, True),  # H100
+    ],
+)
+def test_auto_takes_triton_on_gpus_it_supports(monkeypatch, capability, dtype, triton) -> None:
+    from fraglm.attention import triton_op
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert triton_op._gpu_supported(torch.device("cuda"), dtype) == triton

@@ -38,8 +38,13 @@ def kernels() -> ModuleType:
 
 
 @torch.compiler.assume_constant_result
-def _gpu_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+def _gpu_supported(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
+    """A CUDA GPU Triton compiles for: capability 7.0+, and 8.0+ for bf16 operands."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (
+        (8, 0) if dtype == torch.bfloat16 else (7, 0)
+    )
 
 
 def resolve_impl(impl: str, q: Tensor) -> str:
@@ -53,7 +58,7 @@ def resolve_impl(impl: str, q: Tensor) -> str:
     if impl not in IMPLS:
         raise FraglmError(f"unknown fragment attention impl {impl!r}; choose one of {IMPLS}")
     fits = q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
-    if impl == "torch" or (impl == "auto" and not (fits and _gpu_supported(q.device))):
+    if impl == "torch" or (impl == "auto" and not (fits and _gpu_supported(q.device, q.dtype))):
         return "torch"
     if impl == "auto":
         return "triton" if HAS_TRITON else "torch"
@@ -69,10 +74,11 @@ def resolve_impl(impl: str, q: Tensor) -> str:
             "before fraglm loads its kernels (or a CUDA GPU); use impl='auto' or 'torch'"
         )
     if q.device.type not in ("cpu", "cuda") or (
-        q.device.type == "cuda" and not _gpu_supported(q.device)
+        q.device.type == "cuda" and not _gpu_supported(q.device, q.dtype)
     ):
         raise FraglmError(
-            f"impl='triton' needs a CUDA GPU of compute capability 7.0 or newer, got {q.device}"
+            f"impl='triton' needs a CUDA GPU of compute capability 7.0 or newer (8.0 for "
+            f"bf16), got {q.device} with {q.dtype}"
         )
     return "triton"
 
