@@ -156,7 +156,8 @@ def test_custom_op_registration() -> None:
     """Schema, fake implementation and autograd registration, as torch.compile needs."""
     case = Case(batch=1, heads=2, kv_heads=1, n_q=12, n_k=20, docs=True)
     q, k, v, _, docs = inputs(case, torch.float32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # laid out (B, T, H, D) and transposed, as the model passes them
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     q_start = k.shape[2] - q.shape[2]
     args = (q, k, v, docs[:, q_start:], docs, True, 16, 0.3, q_start, 0, False)
     torch.library.opcheck(torch.ops.fraglm.fragment_fwd.default, args)

@@ -119,7 +119,8 @@ def fragment_fwd(
 
 @fragment_fwd.register_fake
 def _(q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32_out):
-    out = torch.empty_like(q, dtype=torch.float32 if fp32_out else q.dtype)
+    # contiguous, as the kernels write them (empty_like would copy a transposed q's strides)
+    out = q.new_empty(q.shape, dtype=torch.float32 if fp32_out else q.dtype)
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -161,11 +162,7 @@ def fragment_bwd(
 @fragment_bwd.register_fake
 def _(q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32):
     dtype = _grad_dtype(fp32)
-    return (
-        torch.empty_like(q, dtype=dtype or q.dtype),
-        torch.empty_like(k, dtype=dtype or k.dtype),
-        torch.empty_like(v, dtype=dtype or v.dtype),
-    )
+    return tuple(t.new_empty(t.shape, dtype=dtype or t.dtype) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
