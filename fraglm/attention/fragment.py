@@ -26,11 +26,15 @@ How it runs (and why):
   ``(B, H, T, D)`` to ``(B * Hkv, T * group, D)`` (row ``t * group + g``), so a
   query fragment of all heads of a group is one contiguous matmul operand and
   ``dK``/``dV`` sums over the group fall out of the matmuls.
-* Tiles are planned before any arithmetic: causal tiles wholly in the future are
-  never computed, only tiles crossing the diagonal are masked, and with
-  document ids a tile is skipped when the id ranges of its query and key
-  fragments do not overlap and left unmasked when both hold one and the same
-  document.
+* Tiles are planned before any arithmetic, once per shape: causal tiles wholly in
+  the future are never computed and only tiles crossing the diagonal are masked.
+  With document ids in host memory (CPU) a tile is skipped when the id ranges of
+  its query and key fragments do not overlap and left unmasked when both hold one
+  and the same document; on an accelerator reading the ids would make the host
+  wait in every layer, so there every causal tile is masked on the device.
+* This module is the tile loop (``impl="torch"``), for every device. On CUDA GPUs
+  that Triton supports, ``impl="auto"`` runs the same algorithm as fused kernels
+  (:mod:`fraglm.attention.triton_kernels`) through the same block routines.
 * Statistics and accumulators are fp32 for fp16/bf16 inputs (fp64 for fp64);
   the public function returns the input dtype. The block routines run with
   autocast off: under an fp16/bf16 autocast region (mixed-precision training)
