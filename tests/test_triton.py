@@ -29,6 +29,8 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETER or not torch.cuda.is_available() else "cuda"
 RUNS_HERE = INTERPRETER or DEVICE == "cuda"
 here = pytest.mark.skipif(not RUNS_HERE, reason="runs in test_under_the_interpreter's process")
+# on a GPU these are CUDA tests (`pytest -m cuda` selects them)
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 
 
 @pytest.mark.skipif(RUNS_HERE, reason="the kernels run in this process")
