@@ -7,27 +7,32 @@ where there is one. ``scripts/gpu_check.sh`` runs both files first.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_attention import CASES, make_inputs, rel_err, run
-from test_train import (  # noqa: F401 (tokenized is a fixture)
-    MEDQUAD,
-    latest_weights,
-    make_config,
-    tokenized,
-    train_losses,
-)
+from test_train import latest_weights, make_config, train_losses
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fraglm.attention import fragment_attention, naive_attention, sdpa_attention
 from fraglm.attention.triton_op import resolve_impl
 from fraglm.config import ModelConfig
+from fraglm.data import tokenize
 from fraglm.model import Transformer
 from fraglm.train import Trainer
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
-medquad = pytest.mark.skipif(not MEDQUAD.is_file(), reason=f"MedQuAD not found at {MEDQUAD}")
+# the corpus that ships with the repository, so that a bare GPU machine runs these too
+SAMPLE = f"data.path={Path(__file__).resolve().parents[1] / 'data' / 'sample_health_qa.jsonl'}"
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample") / "tokenized"
+    tokenize(make_config(out, out.parent / "unused", SAMPLE), progress=False)
+    return out
 
 
 def _bf16_ok() -> bool:
@@ -38,13 +43,12 @@ def cuda_inputs(name: str, dtype: torch.dtype):
     return tuple(None if t is None else t.to(CUDA) for t in make_inputs(CASES[name], dtype))
 
 
-@medquad
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_steps(tokenized, tmp_path, precision):  # noqa: F811
+def test_mixed_precision_training_steps(tokenized, tmp_path, precision):
     """bf16 autocast, and fp16 autocast + GradScaler (the P100's path), with documents."""
     if precision == "bf16" and not _bf16_ok():
         pytest.skip("this GPU has no bf16")
-    overrides = ("train.device=cuda", f"train.precision={precision}", "train.doc_mask=true")
+    overrides = (SAMPLE, "train.device=cuda", f"train.precision={precision}", "train.doc_mask=true")
     trainer = Trainer(make_config(tokenized, tmp_path / "run", *overrides))
     trainer.run()
     losses = train_losses(tmp_path / "run")
@@ -53,11 +57,10 @@ def test_mixed_precision_training_steps(tokenized, tmp_path, precision):  # noqa
     assert trainer.scaler.is_enabled() == (precision == "fp16")
 
 
-@medquad
-def test_resume_on_cuda(tokenized, tmp_path):  # noqa: F811
+def test_resume_on_cuda(tokenized, tmp_path):
     """4 steps + resume for 4 == 8 in one go (to float tolerance: CUDA's embedding
     backward adds with atomics, so bits may differ)."""
-    overrides = ("train.device=cuda", "train.doc_mask=true")
+    overrides = (SAMPLE, "train.device=cuda", "train.doc_mask=true")
     whole, split = tmp_path / "whole", tmp_path / "split"
     Trainer(make_config(tokenized, whole, *overrides)).run()
     Trainer(make_config(tokenized, split, *overrides)).run(max_new_steps=4)
