@@ -97,6 +97,11 @@ class ModelConfig:
         "fragment", "Attention backend: fragment (FragmentStream), sdpa (PyTorch), naive."
     )
     fragment_size: int = _opt(128, "FragmentStream fragment length in tokens.", ge=1)
+    fragment_impl: Literal["auto", "triton", "torch"] = _opt(
+        "auto",
+        "FragmentStream kernels: triton (fused Triton kernels, CUDA GPUs of capability 7.0+), "
+        "torch (the tile loop, any device), auto (triton where supported, else torch).",
+    )
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)
 
