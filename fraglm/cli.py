@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from fraglm.config import Config, SampleConfig, from_dict, load_config, reference_markdown
-from fraglm.errors import FraglmError
+from fraglm.errors import FraglmError, describe_exception, read_text_file
 
 app = typer.Typer(
     help="Train a small language model end to end with FragmentStream attention.",
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+DEBUG_ENV = "FRAGLM_DEBUG"
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -71,11 +73,29 @@ def train(
             help="Stop after this many steps in this run (checkpointed; continue with --resume).",
         ),
     ] = None,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            "--resume-from",
+            help="Continue from this checkpoint (e.g. step-0000300) instead of the latest; "
+            "later checkpoints of the run are dropped.",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Start over in a train.out_dir that holds a run."),
+    ] = False,
 ) -> None:
     """Train the model (tokenizing first when the token shards are missing or stale)."""
     from fraglm.train import train as run_train
 
-    result = run_train(_load(config, set_), resume=resume, max_new_steps=steps)
+    result = run_train(
+        _load(config, set_),
+        resume=resume,
+        max_new_steps=steps,
+        resume_from=resume_from,
+        overwrite=overwrite,
+    )
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     if math.isnan(result.final_train_loss):
         typer.echo(f"nothing to do: the run is already at step {result.steps} (train.max_steps)")
@@ -194,9 +214,8 @@ def generate(
 def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FraglmError(f"prompts file not found: {path}")
-    prompts = [
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    prompts = [line.strip() for line in read_text_file(path, "prompts file").splitlines()]
+    prompts = [line for line in prompts if line]
     if not prompts:
         raise FraglmError(f"prompts file {path} has no prompts")
     return prompts
@@ -366,13 +385,44 @@ def config_reference() -> None:
     typer.echo(reference_markdown())
 
 
+_session = {"debug": False}  # set by --debug for the command being run
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help=f"Show the traceback of an unexpected error (or {DEBUG_ENV}=1)."
+        ),
+    ] = False,
+) -> None:
+    if debug:
+        _session["debug"] = True
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: every error becomes one line on stderr and exit code 2.
+
+    A ``FraglmError`` is a problem the user can fix and says so; any other exception that
+    escapes a command is a fault fraglm did not foresee, reported in the same one line (its
+    type and message) unless debugging (``--debug`` or ``FRAGLM_DEBUG=1``), where it
+    propagates with its traceback, as the tests want it.
+    """
+    _session["debug"] = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         app()
     except FraglmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if _session["debug"]:
+            raise
+        _fail(f"{describe_exception(exc)} (run with --debug for the traceback)")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(2)

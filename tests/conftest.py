@@ -31,6 +31,17 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 # A small Q&A corpus with the text a tokenizer must survive: accents, Greek, Cyrillic, CJK,
 # emoji and combining marks, newlines, quotes, commas and braces, numbers, "None".
 _TOPICS = [
@@ -149,9 +160,11 @@ class CliResult:
 def run_cli(monkeypatch, capsys):
     """Run the real entry point (``fraglm.cli.main``) in-process: ``run_cli("tokenize", ...)``.
 
-    An exception that is not turned into a message escapes and fails the test.
+    An exception that is not a ``FraglmError`` escapes (``FRAGLM_DEBUG``) and fails the test.
     """
     from fraglm.cli import main
+
+    monkeypatch.setenv("FRAGLM_DEBUG", "1")  # an unforeseen exception escapes main()
 
     def run(*args: object) -> CliResult:
         capsys.readouterr()
