@@ -53,7 +53,9 @@ def run_dir(train_tiny_run, tmp_path_factory) -> Path:
         for token in (END, QUESTION):
             model.embed.weight[loaded.tokenizer.token_to_id(token)] = 0
     for which in ("best", "latest"):
-        save_model(model, str(ckpt.checkpoint_dir(run, which) / ckpt.WEIGHTS_FILE))
+        step_dir = ckpt.checkpoint_dir(run, which)
+        save_model(model, str(step_dir / ckpt.WEIGHTS_FILE))
+        ckpt.write_manifest(step_dir, loaded.step)
     return run
 
 
