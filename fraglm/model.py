@@ -24,7 +24,6 @@ from fraglm.attention import attention
 from fraglm.attention.ring import ring_attention
 from fraglm.config import ModelConfig
 from fraglm.loss import linear_cross_entropy_sum
-from fraglm.matmul import linear
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -118,7 +117,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, hd), keys and values (B, Hkv, T, hd), positions applied."""
         b, t, _ = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = self.qkv(x)
         heads = qkv.view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
         if rope is not None:
@@ -155,45 +154,51 @@ class Attention(nn.Module):
                 doc_ids=doc_ids,
             )
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.dropout(linear(y, self.out.weight, self.out.bias))
+        return self.dropout(self.out(y))
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` that saves only its inputs and recomputes ``silu`` backward.
+    """``silu(gate) * up`` of the halves of ``gate_up`` (..., 2 * hidden), saving only
+    ``gate_up`` and recomputing ``silu`` backward.
 
     Autograd would also keep ``silu(gate)``, one more (tokens, hidden) activation per layer
     (an eighth of a p100 training step's peak memory), and allocate a further buffer for
-    each of the three products; here the results are written in place.
+    each of the three products; here the results are written in place, and the two halves
+    of the gradient straight into one (..., 2 * hidden) tensor, the gradient of the fused
+    projection's output (no concatenation).
     """
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, gate: torch.Tensor, up: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
+    def forward(ctx: torch.autograd.function.FunctionCtx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
 
     @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = ctx.saved_tensors
-        grad_gate = grad * up
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, up, out=grad_gate)
         # d silu(g)/dg applied by ATen's own fused kernel, writing over its input
         torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_gate, F.silu(gate).mul_(grad)
+        torch.mul(F.silu(gate), grad, out=grad_up)
+        return grad_gate_up
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate, up = gate_up.chunk(2, dim=-1)``."""
     if torch.is_grad_enabled():
-        return _SwiGLU.apply(gate, up)
+        return _SwiGLU.apply(gate_up)
     # no backward to serve: skip the autograd.Function call, which costs microseconds
     # that decoding, a few dozen small kernels per token, would notice
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 
 
 class MLP(nn.Module):
-    """SwiGLU (modern; gate and up projections fused) or GELU (seed)."""
+    """SwiGLU (modern; gate and up projections fused in ``up``) or GELU (seed)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -204,15 +209,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            # two matmuls on halves of the fused weight, not one split afterwards: the
-            # backward pass then adds two (tokens, d) input gradients instead of
-            # concatenating two (tokens, hidden) halves, and is faster on CPU
-            gate_weight, up_weight = self.up.weight.chunk(2)
-            h = swiglu(linear(x, gate_weight), linear(x, up_weight))
-        else:
-            h = F.gelu(linear(x, self.up.weight, self.up.bias))
-        return self.dropout(linear(h, self.down.weight, self.down.bias))
+        h = swiglu(self.up(x)) if self.gated else F.gelu(self.up(x))
+        return self.dropout(self.down(h))
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -344,7 +342,8 @@ class Transformer(nn.Module):
         ``last_only``, logits only for the last position (B, 1, vocab): all that sampling
         needs, without the output projection of every prompt token. With ``targets``
         (B, T; -100 where a token does not count), the summed cross-entropy instead of
-        logits, through the fused head (:mod:`fraglm.loss`), which never holds all logits.
+        logits, through the fused head (:mod:`fraglm.loss`), which never holds all logits
+        (it reads ``head``'s parameters: a kernel of its own, so hooks on ``head`` do not run).
         """
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -374,4 +373,4 @@ class Transformer(nn.Module):
             )
         if last_only:
             x = x[:, -1:]
-        return linear(self.norm(x), self.head.weight, self.head.bias)
+        return self.head(self.norm(x))
