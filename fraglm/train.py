@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fraglm import checkpoint as ckpt
-from fraglm.allocator import keep_freed_memory
 from fraglm.batches import Batch, make_sampler
 from fraglm.config import Config, TrainConfig
 from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, load_tokens
@@ -121,8 +120,6 @@ class Trainer:
         self.vocab_size = vocab_size(tokenizer)
         self.device = resolve_device(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults for each step's activations
 
         context = cfg.model.context_length
         train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")

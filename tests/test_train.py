@@ -149,13 +149,6 @@ def test_a_step_waits_for_the_device_once(tokenized, tmp_path, op_log, backend):
     assert log.host_syncs == ["aten._local_scalar_dense.default"]
 
 
-def test_cpu_training_keeps_freed_memory(tokenized, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(True))
-    Trainer(make_config(tokenized, tmp_path / "run"))
-    assert calls == [True]
-
-
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tokenized, tmp_path):
     overrides = ("train.max_steps=3", "train.eval_interval=1000", "train.save_interval=1000")
