@@ -17,7 +17,9 @@ from fraglm.model import (
     RMSNorm,
     RotaryEmbedding,
     Transformer,
+    _RotaryHeads,
     apply_rope,
+    rotary_heads,
     swiglu,
 )
 
@@ -261,15 +263,36 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_rope_matches_llamas_rotate_half():
-    """The signed-sine form is Llama's ``x * cos + cat(-x2, x1) * sin``."""
+    """The rotation of halves is Llama's ``x * cos + cat(-x2, x1) * sin``."""
     rope = RotaryEmbedding(head_dim=16, theta=10000.0)
     positions = torch.arange(7)
     x = torch.randn(2, 7, 3, 16, generator=torch.Generator().manual_seed(5))
     freqs = torch.outer(positions.float(), rope.inv_freq)
     cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
     llama = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
-    cos_table, signed_sin = rope(positions)
-    torch.testing.assert_close(apply_rope(x, cos_table[:, None], signed_sin[:, None]), llama)
+    cos_table, sin_table = rope(positions)
+    torch.testing.assert_close(apply_rope(x, cos_table[:, None], sin_table[:, None]), llama)
+
+
+def test_rotary_heads_gradients_are_exact():
+    """Queries and keys rotated, values passed through, and the gradient of all three
+    written into one tensor of the heads' shape (GQA: 4 query heads, 2 key/value)."""
+    rope = RotaryEmbedding(head_dim=8, theta=10000.0)
+    cos, sin = (t.double()[:, None] for t in rope(torch.arange(5)))
+    heads = torch.randn(2, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+    sizes = (4, 2, 2)
+
+    def reference(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = h.split(sizes, dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    with torch.no_grad():
+        for got, want in zip(rotary_heads(heads, cos, sin, sizes), reference(heads), strict=True):
+            torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda h: _RotaryHeads.apply(h, cos, sin, sizes), (heads,))
+    q, k, _ = _RotaryHeads.apply(heads, cos, sin, sizes)  # values unused: zero gradient
+    (grad,) = torch.autograd.grad((q.sum() + k.square().sum()), heads)
+    assert not grad[:, :, 6:].any() and grad[:, :, :6].all()
 
 
 # SwiGLU
