@@ -1,3 +1,3 @@
-from fraglm.cli import main
+from fraglm.cli import command
 
-main()
+command()

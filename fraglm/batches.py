@@ -24,10 +24,6 @@ class Batch:
     doc_ids: torch.Tensor | None
     positions: torch.Tensor | None = None  # set for a context-parallel share
 
-    @property
-    def counted_tokens(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum())
-
     def zigzag_share(self, rank: int, world: int) -> Batch:
         """The part of every sequence that context-parallel ``rank`` of ``world`` holds."""
         length = self.inputs.shape[1]
@@ -112,11 +108,22 @@ class WindowSampler:
         window = torch.from_numpy(self.tokens[rows].astype(np.int64))
         inputs, targets = window[:, :-1], window[:, 1:].clone()
         if self.target_mask is not None:
-            targets[~torch.from_numpy(self.target_mask[rows[:, 1:]])] = IGNORE_INDEX
+            targets.masked_fill_(~torch.from_numpy(self.target_mask[rows[:, 1:]]), IGNORE_INDEX)
         doc_ids = document_ids(inputs, self.end_id) if self.doc_mask else None
-        non_blocking = device.type == "cuda"
         return Batch(
-            inputs.to(device, non_blocking=non_blocking),
-            targets.to(device, non_blocking=non_blocking),
-            None if doc_ids is None else doc_ids.to(device, non_blocking=non_blocking),
+            _to_device(inputs, device),
+            _to_device(targets, device),
+            None if doc_ids is None else _to_device(doc_ids, device),
         )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device``; to a GPU asynchronously, from pinned (page-locked) memory.
+
+    A ``non_blocking`` copy from ordinary pageable memory is staged by the driver and
+    waits anyway; from pinned memory it overlaps with the kernels already queued, and
+    torch's pinned-memory cache keeps the host buffer alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -87,14 +87,16 @@ def train(
     ] = False,
 ) -> None:
     """Train the model (tokenizing first when the token shards are missing or stale)."""
+    from fraglm.device import resolve_device
     from fraglm.train import train as run_train
 
+    cfg = _load(config, set_)
+    if _own_process and resolve_device(cfg.train.device).type == "cpu":
+        from fraglm.allocator import keep_freed_memory
+
+        keep_freed_memory()  # process-wide: only in the fraglm command's own process
     result = run_train(
-        _load(config, set_),
-        resume=resume,
-        max_new_steps=steps,
-        resume_from=resume_from,
-        overwrite=overwrite,
+        cfg, resume=resume, max_new_steps=steps, resume_from=resume_from, overwrite=overwrite
     )
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     if math.isnan(result.final_train_loss):
@@ -399,6 +401,17 @@ def _options(
 ) -> None:
     if debug:
         _session["debug"] = True
+
+
+_own_process = False  # set by command(): this process is the fraglm command's own
+
+
+def command() -> None:
+    """The ``fraglm`` executable and ``python -m fraglm``: :func:`main` in a process of
+    its own, which ``fraglm train`` may tune for itself (see :mod:`fraglm.allocator`)."""
+    global _own_process
+    _own_process = True
+    main()
 
 
 def main() -> None:

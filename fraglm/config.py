@@ -129,6 +129,12 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = _opt(0.95, "AdamW beta2.", ge=0, lt=1)
     grad_clip: float = _opt(1.0, "Gradient norm clip (0 disables).", ge=0)
+    max_skipped_steps: int = _opt(
+        50,
+        "fp16 with a gradient scaler: stop after this many consecutive steps skipped for "
+        "non-finite gradients.",
+        ge=1,
+    )
     eval_interval: int = _opt(200, "Steps between validation evaluations.", ge=1)
     eval_batches: int = _opt(20, "Validation batches per evaluation.", ge=1)
     save_interval: int = _opt(200, "Steps between checkpoints.", ge=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,8 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA >= 8.0, fp16 + GradScaler on older CUDA (P100), fp32 elsewhere."""
+    """auto: bf16 on CUDA >= 8.0, fp16 + GradScaler on older CUDA (P100), fp32 elsewhere
+    (MPS included: bf16 autocast there is a choice to make explicitly)."""
     capability = cuda_capability(device)
     if name == "auto":
         name = "fp32" if capability is None else "bf16" if capability >= (8, 0) else "fp16"
@@ -70,12 +72,43 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
             f"train.precision = 'bf16' needs CUDA capability 8.0+; this GPU is "
             f"{capability[0]}.{capability[1]} (use fp16 or auto)"
         )
-    if name == "fp16" and device.type == "cpu":
-        raise FraglmError("train.precision = 'fp16' is not supported on CPU (use fp32 or bf16)")
-    return Precision(name, _DTYPES[name], use_scaler=name == "fp16" and device.type == "cuda")
+    if name == "fp16" and device.type != "cuda":
+        # fp16 trains only with a gradient scaler, which fraglm uses on CUDA alone
+        raise FraglmError(
+            f"train.precision = 'fp16' is not supported on {device.type} (use fp32 or bf16)"
+        )
+    if name == "bf16" and device.type == "mps" and torch.__version__ < "2.6":
+        raise FraglmError(
+            f"train.precision = 'bf16' on MPS needs torch 2.6+ (this is {torch.__version__}); "
+            "use fp32 or upgrade torch"
+        )
+    return Precision(name, _DTYPES[name], use_scaler=name == "fp16")
 
 
 def compile_supported(device: torch.device) -> bool:
-    """torch.compile's Triton backend needs CUDA capability 7.0+ (not the P100)."""
+    """torch.compile's Triton backend needs CUDA capability 7.0+ (not the P100); on MPS
+    fraglm does not compile (untested there)."""
+    if device.type == "mps":
+        return False
     capability = cuda_capability(device)
     return capability is None or capability >= (7, 0)
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: Precision) -> Iterator[None]:
+    """TF32 tensor cores for the fp32 matmuls of an fp32 run on CUDA capability 8.0+,
+    inside the block only (the setting is process-wide; it is restored after).
+
+    TF32 keeps fp32's range with a 10-bit mantissa, about bf16 autocast's accuracy for
+    the products, at several times fp32's speed on Ampere and newer GPUs.
+    """
+    capability = cuda_capability(device)
+    if precision.autocast or capability is None or capability < (8, 0):
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from fraglm.config import Config
 from fraglm.errors import FraglmError
+
+# How long the other ranks wait for rank 0 to tokenize the corpus. It has a group of its
+# own, so the training collectives keep the default timeout; a rank 0 that fails instead
+# ends the wait at once (torchrun stops every rank when one exits with an error).
+TOKENIZE_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class DistEnv:
     local_rank: int = 0
     context_parallel: int = 1
     cp_group: dist.ProcessGroup | None = None
+    wait_group: dist.ProcessGroup | None = None  # CPU group with TOKENIZE_TIMEOUT
 
     @property
     def enabled(self) -> bool:
@@ -76,13 +83,14 @@ def setup(cfg: Config) -> DistEnv:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    wait_group = dist.new_group(backend="gloo", timeout=TOKENIZE_TIMEOUT)
     cp_group = None
     if cp > 1:
         for first in range(0, world, cp):  # every rank creates every group, in order
             group = dist.new_group(list(range(first, first + cp)))
             if first <= rank < first + cp:
                 cp_group = group
-    return DistEnv(rank, world, local_rank, cp, cp_group)
+    return DistEnv(rank, world, local_rank, cp, cp_group, wait_group)
 
 
 def teardown(env: DistEnv) -> None:
@@ -103,6 +111,18 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     return all_reduce_sum(float(flag), env, device) > 0
 
 
-def barrier(env: DistEnv) -> None:
+def from_main(value: float | None, env: DistEnv, device: torch.device) -> float | None:
+    """Rank 0's ``value`` (None stays None) on every rank, so all ranks decide alike."""
+    if not env.enabled:
+        return value
+    given = value is not None
+    tensor = torch.tensor([given, value if given else 0.0], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    given, value = tensor.tolist()
+    return value if given else None
+
+
+def wait_for_main(env: DistEnv) -> None:
+    """Every rank waits here until rank 0 arrives (up to :data:`TOKENIZE_TIMEOUT`)."""
     if env.enabled:
-        dist.barrier()
+        dist.barrier(group=env.wait_group)

@@ -50,11 +50,10 @@ def evaluate(
     model.eval()
     sums, count = [], 0
     for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / batch_size))):
-        batch = sampler.batch(chunk, device)
-        sums.append(token_loss_sum(model, batch, precision))
-        count += batch.counted_tokens
+        sums.append(token_loss_sum(model, sampler.batch(chunk, device), precision))
+        count += sampler.counted_targets(chunk)  # counted on the host, from the windows
     model.train(was_training)
-    total = float(torch.stack(sums).sum()) if sums else 0.0  # one host sync, at the end
+    total = float(torch.stack(sums).sum()) if sums else 0.0  # the one host sync, at the end
     return total / max(count, 1), count
 
 

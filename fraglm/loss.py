@@ -14,10 +14,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fraglm import matmul
-
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MB of fp32 logits
+
+
+def _chunked_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    compute_dtype: torch.dtype,
+    with_grads: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """The summed loss and, ``with_grads``, its gradients for hidden, weight and bias."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    w = weight.to(compute_dtype)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    if with_grads:
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device)
+    # one logits buffer for all chunks: a fresh multi-MB tensor per chunk would cost page
+    # faults on CPU, where the allocator may hand large freed blocks back to the OS
+    buffer = hidden.new_empty(min(chunk, rows), vocab, dtype=compute_dtype)
+    for start in range(0, rows, chunk):
+        h = hidden[start : start + chunk].to(compute_dtype)
+        target = targets[start : start + chunk]
+        logits = torch.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
+        if bias is not None:
+            logits += bias.to(acc)
+        counted = target != IGNORE_INDEX
+        safe_target = target.clamp(min=0)[:, None]
+        picked = logits.gather(1, safe_target).squeeze(1)
+        # one exp pass serves the log-sum-exp and, for the gradient, the softmax
+        row_max = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()
+        row_sum = probs.sum(dim=-1, keepdim=True)
+        lse = (row_max + row_sum.log()).squeeze(1)
+        total += ((lse - picked) * counted).sum()
+        if not with_grads:
+            continue
+        # dLoss/dlogits = softmax - onehot(target), zero on ignored rows; in place. The
+        # row mask rides on the softmax scale: no branch on its values, so no host sync
+        weight_of_row = counted[:, None].to(acc)
+        grad = probs.mul_(weight_of_row / row_sum)
+        grad.scatter_add_(1, safe_target, -weight_of_row)
+        grad_hidden[start : start + chunk] = torch.mm(grad.to(compute_dtype), w)
+        grad_weight.addmm_(grad.t(), h.to(acc))
+        if bias is not None:
+            grad_bias += grad.sum(0)
+    return total, (grad_hidden, grad_weight, grad_bias) if with_grads else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -30,50 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,
         compute_dtype: torch.dtype,
     ) -> Tensor:
-        rows, vocab = hidden.shape[0], weight.shape[0]
-        acc = torch.promote_types(compute_dtype, torch.float32)
-        chunk = max(1, _CHUNK_ELEMENTS // vocab)
-        w = weight.to(compute_dtype)
-        needs_grad = any(ctx.needs_input_grad[:3])
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        buffer = None
-        for start in range(0, rows, chunk):
-            h = hidden[start : start + chunk].to(compute_dtype)
-            target = targets[start : start + chunk]
-            if matmul.uses_onednn(h, w):
-                logits = matmul.mm(h, w.t()).to(acc)  # a fresh tensor, and still faster
-            else:
-                # one logits buffer for all chunks: a fresh multi-MB tensor per chunk costs
-                # page faults on CPU, where large blocks go back to the OS when freed
-                if buffer is None:
-                    buffer = h.new_empty(min(chunk, rows), vocab)
-                logits = torch.mm(h, w.t(), out=buffer[: h.shape[0]]).to(acc)
-            if bias is not None:
-                logits += bias.to(acc)
-            counted = target != IGNORE_INDEX
-            safe_target = target.clamp(min=0)[:, None]
-            picked = logits.gather(1, safe_target).squeeze(1)
-            # one exp pass serves the log-sum-exp and, for the gradient, the softmax
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            row_sum = probs.sum(dim=-1, keepdim=True)
-            lse = (row_max + row_sum.log()).squeeze(1)
-            total += ((lse - picked) * counted).sum()
-            if not needs_grad:
-                continue
-            # dLoss/dlogits = softmax - onehot(target), zero on ignored rows; in place. The
-            # row mask rides on the softmax scale: no branch on its values, so no host sync
-            weight_of_row = counted[:, None].to(acc)
-            grad = probs.mul_(weight_of_row / row_sum)
-            grad.scatter_add_(1, safe_target, -weight_of_row)
-            grad_hidden[start : start + chunk] = matmul.mm(grad.to(compute_dtype), w)
-            matmul.add_weight_grad_(grad_weight, grad, h.to(acc))
-            if bias is not None:
-                grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        total, grads = _chunked_loss(hidden, weight, bias, targets, compute_dtype, True)
+        ctx.save_for_backward(*grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
@@ -105,5 +111,12 @@ def linear_cross_entropy_sum(
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    # gradient work only when autograd records it (never under no_grad, as in evaluation):
+    # the Function's own flags, ctx.needs_input_grad, stay true under no_grad
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype)
+        if records:
+            return _LinearCrossEntropy.apply(hidden, weight, bias, targets, compute_dtype)
+        return _chunked_loss(hidden, weight, bias, targets, compute_dtype, False)[0]

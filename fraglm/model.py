@@ -24,7 +24,6 @@ from fraglm.attention import attention
 from fraglm.attention.ring import ring_attention
 from fraglm.config import ModelConfig
 from fraglm.loss import linear_cross_entropy_sum
-from fraglm.matmul import linear
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -76,11 +75,10 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (the Llama convention): cos and signed sin tables for positions.
+    """Rotate-half RoPE (the Llama convention): cos and sin tables for positions.
 
-    Llama rotates ``x`` to ``x * cos + cat(-x2, x1) * sin`` (halves x1, x2). The sine table
-    here carries the sign, ``cat(-sin, sin)``, so :func:`apply_rope` can use the plain
-    swap ``cat(x2, x1)`` (one ``roll``) instead of negating and concatenating.
+    Llama rotates ``x`` with halves ``x1, x2`` of its head dimension to
+    ``(x1 cos - x2 sin, x2 cos + x1 sin)``, one frequency per pair ``(x1[i], x2[i])``.
     """
 
     def __init__(self, head_dim: int, theta: float) -> None:
@@ -89,16 +87,73 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``signed_sin``, each (T, head_dim), for ``positions`` (T,)."""
+        """``cos``, ``sin``, each (T, head_dim / 2), for ``positions`` (T,)."""
         freqs = torch.outer(positions.float(), self.inv_freq)
-        sin = freqs.sin()
-        return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
+        return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (..., head_dim) by tables from :class:`RotaryEmbedding`."""
-    swapped = x.roll(x.shape[-1] // 2, dims=-1)
-    return (x * cos).addcmul_(swapped, signed_sin).to(x.dtype)
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate ``x`` (..., head_dim) by tables from :class:`RotaryEmbedding` (broadcast to
+    ``x``'s leading dimensions), into ``out`` if given; ``sin = -sin`` rotates back."""
+    half = x.shape[-1] // 2
+    out = torch.empty_like(x) if out is None else out
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+def rotary_heads(
+    heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sizes: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries and keys (rotated together: one set of kernels) and values of ``heads``."""
+    rotated = apply_rope(heads[:, :, : sizes[0] + sizes[1]], cos, sin)
+    q, k = rotated.split(sizes[:2], dim=2)
+    return q, k, heads[:, :, sizes[0] + sizes[1] :]
+
+
+class _RotaryHeads(torch.autograd.Function):
+    """Queries and keys rotated, and values, from the fused projection's heads
+    (B, T, H + 2 Hkv, hd), split at ``sizes`` = (H, Hkv, Hkv).
+
+    Autograd of ``split`` and a ``roll``-based rotation would copy every activation once
+    more each way (the roll and, backward, a concatenation for each split). Here the
+    rotation reads the halves in place, values are a view, and backward writes the
+    three gradients (queries' and keys' rotated back) straight into one tensor of the
+    heads' shape: the gradient the projection needs.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        heads: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        sizes: tuple[int, int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(cos, sin)
+        ctx.sizes = sizes
+        return rotary_heads(heads, cos, sin, sizes)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        like = next(g for g in grads if g is not None)
+        b, t, _, hd = like.shape
+        grad = like.new_empty(b, t, sum(ctx.sizes), hd)
+        parts = grad.split(ctx.sizes, dim=2)
+        for index, (part, part_grad) in enumerate(zip(parts, grads, strict=True)):
+            if part_grad is None:
+                part.zero_()
+            elif index < 2:
+                apply_rope(part_grad, cos, -sin, out=part)  # the inverse rotation
+            else:
+                part.copy_(part_grad)
+        return grad, None, None, None
 
 
 class Attention(nn.Module):
@@ -118,14 +173,15 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, hd), keys and values (B, Hkv, T, hd), positions applied."""
         b, t, _ = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias)
-        heads = qkv.view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+        sizes = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        heads = self.qkv(x).view(b, t, sum(sizes), self.head_dim)
         if rope is not None:
-            # queries and keys rotate together: one set of elementwise kernels, not two
-            cos, signed_sin = rope
-            qk = apply_rope(qk, cos[:, None], signed_sin[:, None])
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            # without a backward to serve, the plain function (no autograd.Function call)
+            rotate = _RotaryHeads.apply if torch.is_grad_enabled() else rotary_heads
+            q, k, v = rotate(heads, cos, sin, sizes)
+        else:
+            q, k, v = heads.split(sizes, dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
@@ -157,45 +213,51 @@ class Attention(nn.Module):
                 impl=self.cfg.fragment_impl,
             )
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.dropout(linear(y, self.out.weight, self.out.bias))
+        return self.dropout(self.out(y))
 
 
 class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` that saves only its inputs and recomputes ``silu`` backward.
+    """``silu(gate) * up`` of the halves of ``gate_up`` (..., 2 * hidden), saving only
+    ``gate_up`` and recomputing ``silu`` backward.
 
     Autograd would also keep ``silu(gate)``, one more (tokens, hidden) activation per layer
     (an eighth of a p100 training step's peak memory), and allocate a further buffer for
-    each of the three products; here the results are written in place.
+    each of the three products; here the results are written in place, and the two halves
+    of the gradient straight into one (..., 2 * hidden) tensor, the gradient of the fused
+    projection's output (no concatenation).
     """
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, gate: torch.Tensor, up: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
+    def forward(ctx: torch.autograd.function.FunctionCtx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
 
     @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = ctx.saved_tensors
-        grad_gate = grad * up
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, up, out=grad_gate)
         # d silu(g)/dg applied by ATen's own fused kernel, writing over its input
         torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_gate, F.silu(gate).mul_(grad)
+        torch.mul(F.silu(gate), grad, out=grad_up)
+        return grad_gate_up
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate, up = gate_up.chunk(2, dim=-1)``."""
     if torch.is_grad_enabled():
-        return _SwiGLU.apply(gate, up)
+        return _SwiGLU.apply(gate_up)
     # no backward to serve: skip the autograd.Function call, which costs microseconds
     # that decoding, a few dozen small kernels per token, would notice
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 
 
 class MLP(nn.Module):
-    """SwiGLU (modern; gate and up projections fused) or GELU (seed)."""
+    """SwiGLU (modern; gate and up projections fused in ``up``) or GELU (seed)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -206,15 +268,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            # two matmuls on halves of the fused weight, not one split afterwards: the
-            # backward pass then adds two (tokens, d) input gradients instead of
-            # concatenating two (tokens, hidden) halves, and is faster on CPU
-            gate_weight, up_weight = self.up.weight.chunk(2)
-            h = swiglu(linear(x, gate_weight), linear(x, up_weight))
-        else:
-            h = F.gelu(linear(x, self.up.weight, self.up.bias))
-        return self.dropout(linear(h, self.down.weight, self.down.bias))
+        h = swiglu(self.up(x)) if self.gated else F.gelu(self.up(x))
+        return self.dropout(self.down(h))
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -346,7 +401,8 @@ class Transformer(nn.Module):
         ``last_only``, logits only for the last position (B, 1, vocab): all that sampling
         needs, without the output projection of every prompt token. With ``targets``
         (B, T; -100 where a token does not count), the summed cross-entropy instead of
-        logits, through the fused head (:mod:`fraglm.loss`), which never holds all logits.
+        logits, through the fused head (:mod:`fraglm.loss`), which never holds all logits
+        (it reads ``head``'s parameters: a kernel of its own, so hooks on ``head`` do not run).
         """
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -376,4 +432,4 @@ class Transformer(nn.Module):
             )
         if last_only:
             x = x[:, -1:]
-        return linear(self.norm(x), self.head.weight, self.head.bias)
+        return self.head(self.norm(x))

@@ -24,12 +24,26 @@ from tqdm.auto import tqdm
 
 from fraglm import checkpoint as ckpt
 from fraglm import runlock
-from fraglm.allocator import keep_freed_memory
 from fraglm.batches import Batch, make_sampler
 from fraglm.config import Config, TrainConfig
-from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, load_tokens
-from fraglm.device import compile_supported, resolve_device, resolve_precision
-from fraglm.distributed import DistEnv, all_reduce_sum, any_rank, barrier, setup, teardown
+from fraglm.data import (
+    TOKENIZER_FILE,
+    corpus_fingerprint,
+    ensure_tokenized,
+    load_run_tokenizer,
+    load_tokens,
+    read_meta,
+)
+from fraglm.device import compile_supported, matmul_precision, resolve_device, resolve_precision
+from fraglm.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    any_rank,
+    from_main,
+    setup,
+    teardown,
+    wait_for_main,
+)
 from fraglm.errors import FraglmError
 from fraglm.evaluation import evaluate, token_loss_sum
 from fraglm.model import Transformer
@@ -74,6 +88,8 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -81,6 +97,8 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _check_compatible(saved: Config, cfg: Config) -> None:
@@ -93,6 +111,29 @@ def _check_compatible(saved: Config, cfg: Config) -> None:
                     f"cannot resume: {section}.{key} is {value!r} in the checkpoint but "
                     f"{new[key]!r} in the config"
                 )
+
+
+_NEW_RUN = "restore it, or train a new run with another train.out_dir"
+
+
+def _check_same_corpus(run_dir: Path, state: dict[str, Any], cfg: Config) -> None:
+    """Refuse, before anything is tokenized again, a corpus or data setting changed since
+    the run began: tokenizing would train another tokenizer under the old weights."""
+    saved = state.get("corpus_fingerprint")  # absent in checkpoints of older versions
+    if saved is not None and saved != corpus_fingerprint(cfg):
+        raise FraglmError(
+            f"cannot resume: the corpus {cfg.data.path} or a data.* setting changed since "
+            f"{run_dir} was trained; {_NEW_RUN}"
+        )
+
+
+def _check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
+    run_tokenizer, data_tokenizer = run_dir / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
+    if not run_tokenizer.is_file() or run_tokenizer.read_bytes() != data_tokenizer.read_bytes():
+        raise FraglmError(
+            f"cannot resume: {data_tokenizer} is not the tokenizer {run_dir} was trained with "
+            f"({run_tokenizer}); {_NEW_RUN}"
+        )
 
 
 class Trainer:
@@ -135,22 +176,26 @@ class Trainer:
             writable=self.env.is_main,
         )
         resume = self.resume_dir is not None
+        resumed_state = None
         if resume:
             _check_compatible(ckpt.load_run_config(self.run_dir), cfg)
+            resumed_state = ckpt.load_state(self.resume_dir)
+            _check_same_corpus(self.run_dir, resumed_state, cfg)
 
         if self.env.is_main:
             summary = ensure_tokenized(cfg, progress=cfg.logging.progress)
             if summary is not None:
                 print(f"tokenized {cfg.data.path}: {summary.describe()}")
-        barrier(self.env)
+        wait_for_main(self.env)
         data_dir = Path(cfg.data.tokenized_dir)
+        if resume:
+            _check_same_tokenizer(self.run_dir, data_dir)
+        self.corpus_fingerprint = (read_meta(data_dir) or {}).get("fingerprint")
         tokenizer = load_run_tokenizer(data_dir)
         ids = special_ids(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
         self.device = resolve_device(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults for each step's activations
 
         context = cfg.model.context_length
         train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
@@ -177,25 +222,28 @@ class Trainer:
             if compile_supported(self.device):
                 self.forward_model = torch.compile(self.forward_model)
             else:
-                print("note: torch.compile needs CUDA capability 7.0+; training uncompiled")
+                print(
+                    f"note: torch.compile is not used on {self.device.type} here (CUDA needs "
+                    "capability 7.0+); training uncompiled"
+                )
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.step = 0
         self.best_val: float | None = None
-        if resume:
-            self._load_latest()
+        if resumed_state is not None:
+            self._load_latest(resumed_state)
         elif self.env.is_main:
             ckpt.write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
+        self._skipped_in_a_row, self._last_scale = 0, self.scaler.get_scale()
         self.tracker = (
             Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
             if self.env.is_main
             else None
         )
 
-    def _load_latest(self) -> None:
+    def _load_latest(self, state: dict[str, Any]) -> None:
         path = self.resume_dir
         ckpt.load_weights(self.model, path)
-        state = ckpt.load_state(path)
         ckpt.check_optimizer_state(state["optimizer"], self.optimizer, path / ckpt.STATE_FILE)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -213,10 +261,15 @@ class Trainer:
             "rng": _rng_state(self.device),
             "step": self.step,
             "best_val": self.best_val,
+            "corpus_fingerprint": self.corpus_fingerprint,
         }
 
     def save(self, *, best: bool = False) -> None:
-        """Checkpoint (rank 0 only: all ranks hold the same weights and optimizer state)."""
+        """Checkpoint (rank 0 writes: all ranks hold the same weights and optimizer state).
+
+        Every rank calls it: a failure to write stops them all, where the others would
+        otherwise wait for rank 0 in the next collective until its timeout.
+        """
         # A finite loss does not mean finite weights after the step (inf gradients, a huge
         # lr); never let such weights replace the last good checkpoint. Every rank checks
         # its identical copy, so all ranks stop together.
@@ -225,13 +278,25 @@ class Trainer:
                 f"weights became non-finite at step {self.step}; the last good checkpoint in "
                 f"{self.run_dir} is kept (try a lower train.lr)"
             )
-        if not self.env.is_main:
-            return
-        pointers = ("latest", "best") if best else ("latest",)
-        info = {"val_loss": self.best_val} if best else {}
-        ckpt.save_checkpoint(
-            self.run_dir, self.model, self._state(), step=self.step, pointers=pointers, info=info
-        )
+        error = None
+        if self.env.is_main:
+            pointers = ("latest", "best") if best else ("latest",)
+            info = {"val_loss": self.best_val} if best else {}
+            try:
+                ckpt.save_checkpoint(
+                    self.run_dir,
+                    self.model,
+                    self._state(),
+                    step=self.step,
+                    pointers=pointers,
+                    info=info,
+                )
+            except Exception as exc:  # re-raised below, once every rank knows
+                error = exc
+        if any_rank(error is not None, self.env, self.device):
+            raise error or FraglmError(
+                f"rank 0 could not write a checkpoint at step {self.step}; every rank stops"
+            )
 
     def _my_batches(self, starts: np.ndarray) -> list[Batch]:
         """This rank's micro-batches of the global batch: a data-parallel slice of the
@@ -268,6 +333,7 @@ class Trainer:
             loss_sums.append(loss_sum.detach())
         # one host sync per step, after every micro-batch is queued
         local = float(torch.stack(loss_sums).sum())
+        self._check_skipped_steps()
         total = all_reduce_sum(local, self.env, self.device) / counted
         if not math.isfinite(total) and not self.scaler.is_enabled():
             raise FraglmError(
@@ -282,6 +348,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return total
+
+    def _check_skipped_steps(self) -> None:
+        """With fp16's gradient scaler, stop a run whose steps are all being skipped.
+
+        The scaler skips a step with non-finite gradients and halves its scale; a model
+        that overflows at every scale would skip steps forever. Called where the device
+        has just caught up (the loss read), so reading the scale, which the previous
+        step's update set, waits for nothing; a drop means that step was skipped.
+        """
+        if not self.scaler.is_enabled():
+            return
+        scale = self.scaler.get_scale()
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if scale < self._last_scale else 0
+        self._last_scale = scale
+        limit = self.cfg.train.max_skipped_steps
+        if self._skipped_in_a_row >= limit:
+            raise FraglmError(
+                f"the last {limit} steps were skipped for non-finite fp16 gradients (loss "
+                f"scale now {scale:g}); stopped at step {self.step}, the last good checkpoint "
+                f"in {self.run_dir} is kept (try train.precision=fp32 or bf16, a lower "
+                "train.lr, or a larger train.max_skipped_steps)"
+            )
 
     def evaluate(self) -> float | None:
         """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
@@ -316,7 +404,10 @@ class Trainer:
         )
         loss = float("nan")
         try:
-            with _deferred_interrupt() as interrupted:
+            with (
+                matmul_precision(self.device, self.precision),
+                _deferred_interrupt() as interrupted,
+            ):
                 self._meter = (time.perf_counter(), self.step)
                 stopped = False
                 while self.step < end:
@@ -369,11 +460,13 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         is_best = False
         if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
-            val = self.evaluate()
+            # rank 0 evaluates; every rank takes its result, so all agree on is_best
+            val = from_main(self.evaluate(), self.env, self.device)
             if val is not None:
                 ppl = math.exp(min(val, 50.0))
                 self._log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
-                bar.write(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+                if self.env.is_main:
+                    bar.write(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
                 if self.best_val is None or val < self.best_val:
                     self.best_val, is_best = val, True
         if is_best or step % tcfg.save_interval == 0 or step == end:

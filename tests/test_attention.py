@@ -415,3 +415,13 @@ def test_auto_takes_triton_on_gpus_it_supports(monkeypatch, capability, dtype, t
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert triton_op._gpu_supported(torch.device("cuda"), dtype) == triton
+
+
+@pytest.mark.parametrize("n_q", [1, 37], ids=["decode step", "prefill"])
+def test_sdpa_takes_grouped_heads_as_they_are_and_a_decode_step_builds_no_mask(n_q, op_log):
+    case = Case(heads=4, kv_heads=2, n_q=n_q, n_k=37, fragment=16)
+    q, k, v, _, _ = make_inputs(case, torch.float32)
+    with torch.no_grad(), op_log() as log:
+        got = sdpa_attention(q, k, v)
+    assert len(log.ops) == 1 and "scaled_dot_product" in str(log.ops[0])  # no mask, no repeat
+    assert rel_err(got, naive_attention(q, k, v)) < 1e-5

@@ -40,7 +40,7 @@ def test_batch_targets_are_inputs_shifted_and_masked():
         [IGNORE_INDEX, IGNORE_INDEX, 8, 7, END],
         [END, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6],
     ]
-    assert batch.counted_tokens == 5
+    assert sampler.counted_targets(np.array([0, 4])) == 5
     assert batch.doc_ids.tolist() == [[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
 
 

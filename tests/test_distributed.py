@@ -61,6 +61,15 @@ def test_two_data_parallel_ranks_match_one_process(single):
 
 
 @pytest.mark.slow
+def test_two_data_parallel_ranks_with_accumulation_match_one_process(single):
+    """Each rank runs two micro-batches (DDP syncs gradients on the last only): the
+    losses are still those of one process on the whole batch."""
+    tmp, expected = single
+    got = _train(tmp, "ddp-accum", 2, "--set", "train.doc_mask=true", "--set", "train.grad_accum=2")
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
 def test_two_context_parallel_ranks_match_one_process(single):
     tmp, expected = single
     got = _train(tmp, "cp", 2, "--set", "train.doc_mask=true", "--set", "train.context_parallel=2")

@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from fraglm import checkpoint as ckpt
-from fraglm.config import load_config
+from fraglm.batches import WindowSampler, answer_target_mask
+from fraglm.config import ModelConfig, load_config
 from fraglm.data import tokenize
-from fraglm.evaluation import evaluate_run
+from fraglm.device import resolve_precision
+from fraglm.evaluation import evaluate, evaluate_run
+from fraglm.model import Transformer
 from fraglm.run import load_run
 from fraglm.train import train
 
@@ -108,3 +111,23 @@ def test_eval_refuses_a_validation_split_tokenized_again(run_cli, run_dir, tmp_p
     run_cli("eval", "--run", copy).assert_user_error("has been tokenized again since run")
     corpus = REPO_ROOT / "data" / "sample_health_qa.jsonl"
     assert run_cli("eval", "--run", copy, "--data", corpus).exit_code == 0
+
+
+def test_evaluation_waits_for_the_device_once(op_log):
+    """However many batches, the loss sums and token counts are read once, at the end."""
+    gen = np.random.default_rng(0)
+    tokens = gen.integers(4, 50, size=2000)
+    tokens[::7], tokens[3::7], tokens[6::7] = 1, 2, 3  # Q ... A ... END
+    sampler = WindowSampler(tokens, 16, end_id=3, target_mask=answer_target_mask(tokens, 1, 2, 3))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, context_length=16), 50)
+    starts = sampler.eval_starts(12)
+    device = torch.device("cpu")
+    with op_log() as log:
+        loss, count = evaluate(
+            model, sampler, starts, batch_size=4, precision=resolve_precision("fp32", device),
+            device=device,
+        )  # fmt: skip
+    assert log.host_syncs == ["aten._local_scalar_dense.default"]
+    assert count == sampler.counted_targets(starts) and 0 < count < 12 * 16
+    assert math.isfinite(loss)

@@ -38,8 +38,9 @@ def test_matches_plain_cross_entropy_fp64(monkeypatch, bias, chunk_elements):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
-def test_float32_at_training_size_matches_plain_cross_entropy():
-    """Enough rows for the fast float32 path of the head's matmuls (fraglm.matmul)."""
+def test_float32_at_training_size_matches_plain_cross_entropy(monkeypatch):
+    """float32 with enough rows for several chunks, as in training."""
+    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", 128 * 70)
     args = _inputs(torch.float32, rows=300, dim=16, vocab=70)
     got = linear_cross_entropy_sum(*args)
     grads = torch.autograd.grad(got, args[:3])
@@ -79,3 +80,23 @@ def test_ignored_rows_cost_no_host_sync(op_log):
     with op_log() as log:
         linear_cross_entropy_sum(hidden, weight, bias, targets).backward()
     assert log.host_syncs == []
+
+
+def test_no_grad_does_no_gradient_work(monkeypatch, op_log):
+    """Evaluation (no_grad) computes each chunk's logits and loss only: one product per
+    chunk, not three, and the same loss as with gradients."""
+    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", 8 * 50)  # 37 rows: 5 chunks
+    hidden, weight, bias, targets = _inputs(torch.float32)
+    products = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default)
+    counts = []
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled), op_log() as log:
+            total = linear_cross_entropy_sum(hidden, weight, bias, targets)
+        counts.append((sum(op in products for op in log.ops), len(log.ops)))
+        assert total.requires_grad == grad_enabled
+        if grad_enabled:
+            with_grad = total.detach()
+    (grad_products, grad_ops), (eval_products, eval_ops) = counts
+    assert (grad_products, eval_products) == (3 * 5, 5)
+    assert eval_ops < grad_ops
+    torch.testing.assert_close(total, with_grad, rtol=0, atol=0)

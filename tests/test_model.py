@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fraglm import matmul
 from fraglm.config import ModelConfig, load_config
 from fraglm.model import (
     MLP,
@@ -18,7 +17,9 @@ from fraglm.model import (
     RMSNorm,
     RotaryEmbedding,
     Transformer,
+    _RotaryHeads,
     apply_rope,
+    rotary_heads,
     swiglu,
 )
 
@@ -166,21 +167,21 @@ def test_trains_under_bf16_autocast(arch, backend, op_log):
 
 
 @pytest.mark.parametrize("arch", ["modern", "seed"])
-def test_onednn_matmuls_match_torch_ones(arch):
-    """The float32 training path (fraglm.matmul): the same loss and gradients either way."""
-    cfg = replace(TINY, arch=arch)
-    gen = torch.Generator().manual_seed(1)
-    idx, targets = torch.randint(0, 50, (2, 4, 32), generator=gen)  # 128 rows
-    results = []
-    for onednn in (True, False):
-        model = build(cfg)
-        with matmul.onednn_enabled(onednn):
-            loss = model(idx, targets=targets)
-            loss.backward()
-            logits = model(idx)
-        results.append((loss.detach(), logits.detach(), [p.grad for p in model.parameters()]))
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+def test_forward_calls_every_linear_module(arch):
+    """The model calls its modules: forward hooks (LoRA, float8 and other wrappers of
+    nn.Linear rely on them) see every linear layer, in training and in decoding."""
+    model = build(replace(TINY, arch=arch))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 4 * TINY.n_layers + 1  # qkv, out, up, down per block; head
+    called: list[str] = []
+    for name, module in linears.items():
+        module.register_forward_hook(lambda m, args, out, name=name: called.append(name))
+    model(torch.randint(0, 50, (2, 9))).sum().backward()
+    assert sorted(called) == sorted(linears)
+    called.clear()
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 9)), last_only=True)
+    assert sorted(called) == sorted(linears)
 
 
 def test_documents_do_not_see_each_other():
@@ -262,15 +263,36 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_rope_matches_llamas_rotate_half():
-    """The signed-sine form is Llama's ``x * cos + cat(-x2, x1) * sin``."""
+    """The rotation of halves is Llama's ``x * cos + cat(-x2, x1) * sin``."""
     rope = RotaryEmbedding(head_dim=16, theta=10000.0)
     positions = torch.arange(7)
     x = torch.randn(2, 7, 3, 16, generator=torch.Generator().manual_seed(5))
     freqs = torch.outer(positions.float(), rope.inv_freq)
     cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
     llama = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
-    cos_table, signed_sin = rope(positions)
-    torch.testing.assert_close(apply_rope(x, cos_table[:, None], signed_sin[:, None]), llama)
+    cos_table, sin_table = rope(positions)
+    torch.testing.assert_close(apply_rope(x, cos_table[:, None], sin_table[:, None]), llama)
+
+
+def test_rotary_heads_gradients_are_exact():
+    """Queries and keys rotated, values passed through, and the gradient of all three
+    written into one tensor of the heads' shape (GQA: 4 query heads, 2 key/value)."""
+    rope = RotaryEmbedding(head_dim=8, theta=10000.0)
+    cos, sin = (t.double()[:, None] for t in rope(torch.arange(5)))
+    heads = torch.randn(2, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+    sizes = (4, 2, 2)
+
+    def reference(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = h.split(sizes, dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    with torch.no_grad():
+        for got, want in zip(rotary_heads(heads, cos, sin, sizes), reference(heads), strict=True):
+            torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda h: _RotaryHeads.apply(h, cos, sin, sizes), (heads,))
+    q, k, _ = _RotaryHeads.apply(heads, cos, sin, sizes)  # values unused: zero gradient
+    (grad,) = torch.autograd.grad((q.sum() + k.square().sum()), heads)
+    assert not grad[:, :, 6:].any() and grad[:, :, :6].all()
 
 
 # SwiGLU
@@ -278,30 +300,32 @@ def test_rope_matches_llamas_rotate_half():
 
 def test_swiglu_gradients_are_exact():
     gen = torch.Generator().manual_seed(6)
-    gate, up = (torch.randn(3, 5, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    gate.requires_grad_(True)
-    up.requires_grad_(True)
-    assert torch.autograd.gradcheck(swiglu, (gate, up))
-    torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up)
+    gate_up = torch.randn(3, 5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.autograd.gradcheck(swiglu, (gate_up,))
+    torch.testing.assert_close(swiglu(gate_up), F.silu(gate) * up)
     with torch.no_grad():
-        torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up)
+        torch.testing.assert_close(swiglu(gate_up), F.silu(gate) * up)
 
 
 def test_mlp_keeps_no_activation_it_can_recompute():
-    """Saved for backward: the gate and up projections and the down projection's input,
-    not silu(gate) too (one (tokens, hidden) activation less per layer)."""
+    """Saved for backward: the MLP's input, the fused gate/up projection and the down
+    projection's input, not silu(gate) too (one (tokens, hidden) activation less per layer)."""
     cfg = ModelConfig(d_model=16, n_heads=2, mlp_hidden=24)
     torch.manual_seed(0)
     mlp, x = MLP(cfg), torch.randn(2, 5, 16, requires_grad=True)
+    parameters = {p.data_ptr() for p in mlp.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.data_ptr()] = t.numel()
+        if t.data_ptr() not in parameters:
+            saved[t.data_ptr()] = t.numel()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = mlp(x)
-    assert sum(numel == 2 * 5 * 24 for numel in saved.values()) == 3
+    tokens = 2 * 5
+    assert sorted(saved.values()) == [tokens * 16, tokens * 24, tokens * 2 * 24]
     gate, up = F.linear(x, mlp.up.weight).chunk(2, dim=-1)
     torch.testing.assert_close(out, mlp.down(F.silu(gate) * up))
 

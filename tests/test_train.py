@@ -1,4 +1,4 @@
-"""Training end to end on a MedQuAD slice: learning, exact resume, Ctrl-C, wandb, bad inputs."""
+"""Training end to end on the sample corpus: learning, exact resume, Ctrl-C, wandb, bad inputs."""
 
 from __future__ import annotations
 
@@ -26,16 +26,12 @@ from fraglm.device import Precision
 from fraglm.tracking import read_metrics
 from fraglm.train import Trainer
 
-MEDQUAD = Path(__file__).resolve().parents[1] / "../shared/data/medquad/medquad.jsonl"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_health_qa.jsonl"
 
-pytestmark = pytest.mark.skipif(
-    not MEDQUAD.is_file(), reason=f"MedQuAD not found at {MEDQUAD.resolve()}"
-)
-
-# A tiny model on the first 300 MedQuAD records (~210k training tokens): a step takes
-# milliseconds, so every test below trains for real.
+# A tiny model on the project's sample corpus: a step takes milliseconds, so every test
+# below trains for real, from a fresh clone.
 BASE: dict[str, dict[str, Any]] = {
-    "data": {"path": str(MEDQUAD), "max_records": 300, "val_fraction": 0.1, "num_proc": 1},
+    "data": {"path": str(SAMPLE), "val_fraction": 0.1, "num_proc": 1},
     "tokenizer": {"vocab_size": 500},
     "model": {"n_layers": 2, "d_model": 32, "n_heads": 4, "context_length": 32, "fragment_size": 8},
     "train": {
@@ -53,8 +49,8 @@ BASE: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> Path:
-    """The MedQuAD slice tokenized once for the whole module (read-only for the tests)."""
-    out = tmp_path_factory.mktemp("medquad") / "tokenized"
+    """The sample corpus tokenized once for the whole module (read-only for the tests)."""
+    out = tmp_path_factory.mktemp("sample") / "tokenized"
     tokenize(make_config(out, out.parent / "unused"), progress=False)
     return out
 
@@ -147,13 +143,6 @@ def test_a_step_waits_for_the_device_once(tokenized, tmp_path, op_log, backend):
     with op_log() as log:
         trainer.train_step()
     assert log.host_syncs == ["aten._local_scalar_dense.default"]
-
-
-def test_cpu_training_keeps_freed_memory(tokenized, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(True))
-    Trainer(make_config(tokenized, tmp_path / "run"))
-    assert calls == [True]
 
 
 @pytest.mark.slow
@@ -301,26 +290,6 @@ def test_wandb_offline_run_holds_the_metrics(tokenized, tmp_path, monkeypatch):
 # checkpoints that must not load
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_resume_never_runs_a_pickled_payload(tokenized, run_copy, tmp_path, run_cli):
-    marker = tmp_path / "pwned"
-    state = ckpt.checkpoint_dir(run_copy) / ckpt.STATE_FILE
-    torch.save({"step": 4, "payload": _Exploit(marker)}, state)
-    ckpt.write_manifest(state.parent, 4)  # re-signed: only the safe loader stands in the way
-    config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
-    assert_one_line_error(
-        run_cli("train", "-c", config, "--resume"), "corrupt or unsafe", str(state)
-    )
-    assert not marker.exists()
-
-
 def test_resume_with_corrupt_weights(tokenized, run_copy, tmp_path, run_cli):
     weights = ckpt.checkpoint_dir(run_copy) / ckpt.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
@@ -338,6 +307,39 @@ def test_resume_with_another_model_shape(tokenized, run_copy, tmp_path, run_cli)
     longer = run_cli("train", "-c", config, "--resume", *set_args("train.max_steps=5"))
     assert longer.exit_code == 0, longer.stderr
     assert "trained to step 5" in longer.stdout
+
+
+def test_resume_after_a_corpus_change_is_refused(tmp_path, run_cli):
+    corpus = Path(shutil.copy(SAMPLE, tmp_path / "corpus.jsonl"))
+    tokenized = tmp_path / "tokenized"
+    cfg = make_config(tokenized, tmp_path / "run", f"data.path={corpus}")
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    assert run_cli("train", "-c", config, "--steps", "3").exit_code == 0
+    shards = {p.name: p.read_bytes() for p in tokenized.iterdir()}
+    with corpus.open("a", encoding="utf-8") as fh:
+        fh.write('{"question": "What is new?", "answer": "This record."}\n')
+    assert_one_line_error(
+        run_cli("train", "-c", config, "--resume"),
+        f"cannot resume: the corpus {corpus} or a data.* setting changed since",
+        "another train.out_dir",
+    )
+    # refused before tokenizing: the shards the run was trained on are still there
+    assert {p.name: p.read_bytes() for p in tokenized.iterdir()} == shards
+    assert_one_line_error(
+        run_cli("train", "-c", config, "--resume", *set_args("data.val_fraction=0.2")),
+        "a data.* setting changed",
+    )
+
+
+def test_resume_with_another_tokenizer_is_refused(tokenized, run_copy, tmp_path, run_cli):
+    """A tokenized directory whose tokenizer is not the run's (made again, or replaced)."""
+    run_tokenizer = run_copy / ckpt.TOKENIZER_FILE
+    run_tokenizer.write_text(run_tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
+    assert_one_line_error(
+        run_cli("train", "-c", config, "--resume"),
+        f"cannot resume: {tokenized / ckpt.TOKENIZER_FILE} is not the tokenizer",
+    )
 
 
 def test_resume_without_a_checkpoint(tokenized, tmp_path, run_cli):
@@ -428,6 +430,27 @@ def test_non_finite_loss_under_grad_scaler_skips_the_step(
     monkeypatch.setattr(train_module, "token_loss_sum", real)
     assert math.isfinite(trainer.train_step())
     assert not all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_fp16_steps_skipped_in_a_row_stop_the_run(tokenized, tmp_path, monkeypatch, p100_precision):
+    """A model that overflows at every loss scale stops with a message, not after
+    max_steps of skipped steps, and its checkpoint keeps the last good weights."""
+    real = train_module.token_loss_sum
+    monkeypatch.setattr(
+        train_module, "token_loss_sum", lambda *a, **kw: real(*a, **kw) * float("inf")
+    )
+    run_dir = tmp_path / "run"
+    trainer = Trainer(
+        make_config(tokenized, run_dir, "train.max_steps=100", "train.max_skipped_steps=3")
+    )
+    initial = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    with pytest.raises(train_module.FraglmError, match="last 3 steps were skipped") as error:
+        trainer.run()
+    assert "stopped at step 3" in str(error.value) and "\n" not in str(error.value)
+    assert trainer.step == 3  # steps 0, 1 and 2 skipped, the third seen at step 3's loss
+    assert ckpt.read_pointer(run_dir, "latest")["step"] == 3
+    saved = latest_weights(run_dir)
+    assert all(torch.equal(saved[name], p) for name, p in initial.items())
 
 
 def test_config_in_the_run_dir_is_the_resolved_config(trained):

@@ -74,19 +74,27 @@ def sdpa_attention(
 ) -> Tensor:
     """torch's scaled_dot_product_attention with the same masking semantics.
 
-    SDPA's ``is_causal`` is top-left aligned, so it is used only when Tq == Tk;
-    otherwise an explicit bottom-right-aligned mask is passed. Rows with no
-    visible key are given every key (whatever the kernel would do with an empty
-    row) and their output is zeroed, which also zeroes their gradients.
+    Grouped-query k, v go in as they are (``enable_gqa``): the flash kernel reads each
+    key/value head once for its group; where no fused kernel takes GQA (a mask, fp32 on
+    CUDA), torch repeats the heads in its math kernel. SDPA's ``is_causal`` is top-left
+    aligned, so it is used only when Tq == Tk; a single query (a decoding step) is the
+    last position and sees every key, so it needs no mask; otherwise an explicit
+    bottom-right-aligned mask is passed. Rows with no visible key are given every key
+    (whatever the kernel would do with an empty row) and their output is zeroed, which
+    also zeroes their gradients.
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    k, v = expand_kv_heads(q, k, v)
-    if doc_ids is None and (not causal or n_q == n_k):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    gqa = q.shape[1] != k.shape[1]
+    if doc_ids is None and (not causal or n_q in (1, n_k)):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and n_q > 1, scale=scale, enable_gqa=gqa
+        )
     mask = visibility_mask(n_q, n_k, causal=causal, doc_ids=doc_ids, device=q.device)
     assert mask is not None
     if doc_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     empty = ~mask.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=gqa
+    )
     return out.masked_fill(empty, 0.0)
