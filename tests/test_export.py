@@ -203,7 +203,7 @@ def test_interleaved_rope_rows_give_llama_cpp_the_same_scores():
 
     def llama_cpp(w):
         pairs = (x @ w.T).view(t, heads, head_dim // 2, 2)
-        c, s = cos[:, None, : head_dim // 2], -sin[:, None, : head_dim // 2]
+        c, s = cos[:, None], sin[:, None]
         even, odd = pairs[..., 0], pairs[..., 1]
         return torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2)
 
