@@ -258,13 +258,13 @@ def eval_(
     checkpoint: CheckpointOption = "best",
     device: DeviceOption = "auto",
 ) -> None:
-    """Validation loss, perplexity and token count of a trained run."""
+    """Validation loss, perplexity, bits per byte and token count of a trained run."""
     from fraglm.evaluation import evaluate_run
 
     result = evaluate_run(run, data=data, which=_checkpoint_choice(checkpoint), device=device)
     typer.echo(
         f"{result.source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-        f"{result.tokens:,} tokens"
+        f"{result.bits_per_byte:.4f} bits per byte, {result.tokens:,} tokens"
     )
 
 

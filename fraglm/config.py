@@ -88,6 +88,19 @@ class ModelConfig:
     fragment_size: int = _opt(128, "FragmentStream fragment length in tokens.", ge=1)
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)
+    qk_norm: bool = _opt(
+        False,
+        "RMSNorm over each query and key head before RoPE (modern arch; one gain shared by "
+        "queries and keys). Llama cannot express it: such runs do not export to Hugging Face.",
+    )
+    tie_embeddings: bool = _opt(
+        True, "Output head shares the input embedding's weights (modern arch; seed is untied)."
+    )
+    zero_init_out: bool = _opt(
+        False,
+        "Initialise each block's output projections (attention out, MLP down) to zero, so "
+        "every block starts as the identity.",
+    )
 
 
 @dataclass
@@ -107,9 +120,24 @@ class TrainConfig:
     grad_accum: int = _opt(1, "Micro-batches per optimizer step (batch_size must divide).", ge=1)
     max_steps: int = _opt(2000, "Optimizer steps.", ge=1)
     lr: float = _opt(3e-3, "Peak learning rate.", gt=0)
-    min_lr_ratio: float = _opt(0.1, "Cosine floor as a fraction of the peak lr.", ge=0, le=1)
+    min_lr_ratio: float = _opt(
+        0.1, "Final lr (cosine or wsd floor) as a fraction of the peak lr.", ge=0, le=1
+    )
     warmup_steps: int = _opt(100, "Linear warmup steps.", ge=0)
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only).", ge=0)
+    optimizer: Literal["adamw", "muon"] = _opt(
+        "adamw",
+        "adamw: AdamW for every parameter. muon: torch.optim.Muon for the blocks' matrices "
+        "(lr matched to AdamW's update size), AdamW for embeddings, head and gains.",
+    )
+    schedule: Literal["cosine", "wsd"] = _opt(
+        "cosine",
+        "After warmup: cosine decay to the floor, or wsd (warmup-stable-decay: constant lr, "
+        "then a linear decay to the floor over the last train.decay_fraction of the steps).",
+    )
+    decay_fraction: float = _opt(
+        0.2, "Fraction of train.max_steps over which wsd decays the lr.", gt=0, le=1
+    )
     beta1: float = _opt(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = _opt(0.95, "AdamW beta2.", ge=0, lt=1)
     grad_clip: float = _opt(1.0, "Gradient norm clip (0 disables).", ge=0)

@@ -30,9 +30,10 @@ from fraglm.data import TOKENIZER_FILE, ensure_tokenized, load_run_tokenizer, lo
 from fraglm.device import compile_supported, resolve_device, resolve_precision
 from fraglm.distributed import DistEnv, all_reduce_sum, any_rank, barrier, setup, teardown
 from fraglm.errors import FraglmError
-from fraglm.evaluation import evaluate, token_loss_sum
+from fraglm.evaluation import bits_per_byte, evaluate, token_loss_sum
 from fraglm.model import Transformer
-from fraglm.tokenizer import special_ids, vocab_size
+from fraglm.optim import build_optimizer
+from fraglm.tokenizer import special_ids, token_byte_lengths, vocab_size
 from fraglm.tracking import Tracker
 
 
@@ -46,27 +47,18 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    """Linear warmup to ``lr``, then down to ``lr * min_lr_ratio`` at ``max_steps``: a cosine,
+    or (``wsd``) constant until the last ``decay_fraction`` of the steps, then linear."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
+        progress = (step - decay_start) / max(cfg.max_steps - decay_start, 1)
+        return cfg.lr - (cfg.lr - floor) * min(max(progress, 0.0), 1.0)
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases).
-
-    The fused kernel updates each parameter in one pass; on CPU it is about 4x faster
-    than the default per-tensor loop (2 ms vs 9 ms a step for the p100 model).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -119,6 +111,7 @@ class Trainer:
         tokenizer = load_run_tokenizer(data_dir)
         ids = special_ids(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
+        self.token_bytes = token_byte_lengths(tokenizer)
         self.device = resolve_device(tcfg.device)
         self.precision = resolve_precision(tcfg.precision, self.device)
         if self.device.type == "cpu":
@@ -254,21 +247,33 @@ class Trainer:
         self.step += 1
         return total
 
+    def _val_starts(self) -> np.ndarray:
+        tcfg = self.cfg.train
+        return self.val_sampler.eval_starts(
+            tcfg.eval_batches * (tcfg.batch_size // tcfg.grad_accum)
+        )
+
     def evaluate(self) -> float | None:
         """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
         if self.val_sampler is None or not self.env.is_main:
             return None
         tcfg = self.cfg.train
-        micro_batch = tcfg.batch_size // tcfg.grad_accum
         loss, _ = evaluate(
             self.model,
             self.val_sampler,
-            self.val_sampler.eval_starts(tcfg.eval_batches * micro_batch),
-            batch_size=micro_batch,
+            self._val_starts(),
+            batch_size=tcfg.batch_size // tcfg.grad_accum,
             precision=self.precision,
             device=self.device,
         )
         return loss
+
+    def val_bits_per_byte(self, loss: float) -> float:
+        """Bits per byte of validation loss ``loss`` (the windows, so their token and byte
+        counts, are the same at every evaluation)."""
+        starts = self._val_starts()
+        n_bytes = self.val_sampler.counted_target_bytes(starts, self.token_bytes)
+        return bits_per_byte(loss, self.val_sampler.counted_targets(starts), n_bytes)
 
     def run(self, *, max_new_steps: int | None = None) -> TrainResult:
         """Train to ``train.max_steps`` (or ``max_new_steps`` more).
@@ -341,9 +346,21 @@ class Trainer:
         if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
             val = self.evaluate()
             if val is not None:
+                bpb = self.val_bits_per_byte(val)
                 ppl = math.exp(min(val, 50.0))
-                self._log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl})
-                bar.write(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+                self._log(
+                    {
+                        "step": step,
+                        "tokens": tokens,
+                        "val_loss": val,
+                        "val_ppl": ppl,
+                        "val_bpb": bpb,
+                    }
+                )
+                bar.write(
+                    f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}, "
+                    f"{bpb:.4f} bits per byte"
+                )
                 if self.best_val is None or val < self.best_val:
                     self.best_val, is_best = val, True
         if is_best or step % tcfg.save_interval == 0 or step == end:
