@@ -77,7 +77,12 @@ def train(
 
     result = run_train(_load(config, set_), resume=resume, max_new_steps=steps)
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    if math.isnan(result.final_train_loss):
+    if math.isnan(result.final_train_loss) and result.stopped_early:
+        typer.echo(
+            f"nothing to do: the run stopped early at step {result.steps} "
+            "(raise train.early_stopping_patience, or set it to 0, to train on)"
+        )
+    elif math.isnan(result.final_train_loss):
         typer.echo(f"nothing to do: the run is already at step {result.steps} (train.max_steps)")
     else:
         typer.echo(

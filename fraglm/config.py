@@ -143,6 +143,12 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "Gradient norm clip (0 disables).", ge=0)
     eval_interval: int = _opt(200, "Steps between validation evaluations.", ge=1)
     eval_batches: int = _opt(20, "Validation batches per evaluation.", ge=1)
+    early_stopping_patience: int = _opt(
+        0,
+        "Stop when this many evaluations in a row have not lowered the best validation loss; "
+        "the best checkpoint is kept (0: never stop early).",
+        ge=0,
+    )
     save_interval: int = _opt(200, "Steps between checkpoints.", ge=1)
     doc_mask: bool = _opt(
         False, "Mask attention across <|END|> document boundaries in packed windows."

@@ -44,6 +44,7 @@ class TrainResult:
     final_train_loss: float
     best_val_loss: float | None
     parameters: int
+    stopped_early: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -147,6 +148,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.step = 0
         self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.evals_since_best = 0  # for train.early_stopping_patience
         if resume:
             self._load_latest()
         elif self.env.is_main:
@@ -167,6 +170,8 @@ class Trainer:
             _set_rng_state(state["rng"], self.device)
             self.step = int(state["step"])
             self.best_val = state.get("best_val")
+            self.best_step = state.get("best_step")
+            self.evals_since_best = int(state.get("evals_since_best", 0))
         except (KeyError, ValueError, RuntimeError) as exc:
             raise FraglmError(f"checkpoint state in {path} is incompatible: {exc}") from None
 
@@ -177,6 +182,8 @@ class Trainer:
             "rng": _rng_state(self.device),
             "step": self.step,
             "best_val": self.best_val,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
         }
 
     def save(self, *, best: bool = False) -> None:
@@ -291,6 +298,9 @@ class Trainer:
             desc="train",
         )
         loss = float("nan")
+        stopped_early = self._patience_exhausted()
+        if stopped_early:
+            end = self.step  # resuming a run that stopped early: nothing left to do
         try:
             with _deferred_interrupt() as interrupted:
                 self._meter = (time.perf_counter(), self.step)
@@ -302,6 +312,13 @@ class Trainer:
                         break
                     loss = self.train_step()
                     self._after_step(loss, end, bar)
+                    if self._evaluated_now() and any_rank(
+                        self._patience_exhausted(), self.env, self.device
+                    ):
+                        stopped_early = True
+                        self.save()  # the latest checkpoint remembers that the run stopped
+                        self._report_early_stop(bar)
+                        break
                 if stopped:
                     self.save()
                     bar.write(
@@ -313,7 +330,32 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.close()
         return TrainResult(
-            self.run_dir, self.step, loss, self.best_val, self.model.num_parameters()
+            self.run_dir,
+            self.step,
+            loss,
+            self.best_val,
+            self.model.num_parameters(),
+            stopped_early,
+        )
+
+    def _evaluated_now(self) -> bool:
+        return (
+            self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.max_steps
+        )
+
+    def _patience_exhausted(self) -> bool:
+        """True on rank 0 once train.early_stopping_patience evaluations have not improved."""
+        patience = self.cfg.train.early_stopping_patience
+        return patience > 0 and self.evals_since_best >= patience
+
+    def _report_early_stop(self, bar: tqdm) -> None:
+        if not self.env.is_main:
+            return
+        best = ckpt.checkpoint_dir(self.run_dir, "best")
+        bar.write(
+            f"early stopping at step {self.step}: validation loss has not improved for "
+            f"{self.evals_since_best} evaluations; best {self.best_val:.4f} at step "
+            f"{self.best_step}, kept in {best}"
         )
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -343,7 +385,7 @@ class Trainer:
             )
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         is_best = False
-        if step % tcfg.eval_interval == 0 or step == tcfg.max_steps:
+        if self._evaluated_now():
             val = self.evaluate()
             if val is not None:
                 bpb = self.val_bits_per_byte(val)
@@ -362,7 +404,10 @@ class Trainer:
                     f"{bpb:.4f} bits per byte"
                 )
                 if self.best_val is None or val < self.best_val:
-                    self.best_val, is_best = val, True
+                    self.best_val, self.best_step, is_best = val, step, True
+                    self.evals_since_best = 0
+                else:
+                    self.evals_since_best += 1
         if is_best or step % tcfg.save_interval == 0 or step == end:
             self.save(best=is_best)
 
