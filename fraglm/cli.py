@@ -71,11 +71,25 @@ def train(
             help="Stop after this many steps in this run (checkpointed; continue with --resume).",
         ),
     ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start a new run from this run's best weights and tokenizer (same model "
+            "shape); sets train.init_from.",
+        ),
+    ] = None,
 ) -> None:
     """Train the model (tokenizing first when the token shards are missing or stale)."""
     from fraglm.train import train as run_train
 
-    result = run_train(_load(config, set_), resume=resume, max_new_steps=steps)
+    if init_from is not None and resume:
+        raise FraglmError("--init-from starts a new run; --resume continues one: give one")
+    overrides = [
+        *(set_ or []),
+        *([f"train.init_from={json.dumps(init_from)}"] if init_from else []),
+    ]
+    result = run_train(_load(config, overrides), resume=resume, max_new_steps=steps)
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     if math.isnan(result.final_train_loss) and result.stopped_early:
         typer.echo(

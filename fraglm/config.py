@@ -156,6 +156,11 @@ class TrainConfig:
     loss_on: Literal["all", "answer"] = _opt(
         "all", "Tokens that count in the loss: all, or only answer tokens (Q&A fine-tuning)."
     )
+    init_from: str | None = _opt(
+        None,
+        "Run directory whose best weights start this run (same model shape); its tokenizer "
+        "encodes the corpus. `fraglm train --init-from RUN` sets it.",
+    )
     context_parallel: int = _opt(
         1, "Ranks that share one sequence with ring attention (under torchrun).", ge=1
     )

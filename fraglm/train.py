@@ -33,7 +33,8 @@ from fraglm.errors import FraglmError
 from fraglm.evaluation import bits_per_byte, evaluate, token_loss_sum
 from fraglm.model import Transformer
 from fraglm.optim import build_optimizer
-from fraglm.tokenizer import special_ids, token_byte_lengths, vocab_size
+from fraglm.parent import parent_run
+from fraglm.tokenizer import load_tokenizer, special_ids, token_byte_lengths, vocab_size
 from fraglm.tracking import Tracker
 
 
@@ -102,9 +103,14 @@ class Trainer:
             raise FraglmError(f"cannot resume: no checkpoint in {self.run_dir}")
         if resume:
             _check_compatible(ckpt.load_run_config(self.run_dir), cfg)
+        parent = None if resume else parent_run(cfg)
+        # a run started from another keeps the parent's tokenizer (a copy is in its run dir)
+        given = None
+        if cfg.train.init_from is not None:
+            given = load_tokenizer((self.run_dir if resume else parent) / TOKENIZER_FILE)
 
         if self.env.is_main:
-            summary = ensure_tokenized(cfg, progress=cfg.logging.progress)
+            summary = ensure_tokenized(cfg, progress=cfg.logging.progress, tokenizer=given)
             if summary is not None:
                 print(f"tokenized {cfg.data.path}: {summary.describe()}")
         barrier(self.env)
@@ -135,6 +141,11 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)
         self.model = Transformer(cfg.model, self.vocab_size).to(self.device)
+        if parent is not None:
+            start = ckpt.checkpoint_dir(parent, "best")
+            ckpt.load_weights(self.model, start)
+            if self.env.is_main:
+                print(f"initialised from {start}")
         self.forward_model: torch.nn.Module = self.model
         if self.env.enabled:
             device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
