@@ -76,6 +76,24 @@ def test_seed_architecture_refuses_export(tmp_path, run_cli):
     assert not (tmp_path / "hf").exists()
 
 
+def test_untied_embeddings_export_their_output_head(tmp_path):
+    run_dir = _trained(tmp_path, "model.tie_embeddings=false", "model.zero_init_out=true")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run_dir, tmp_path / "hf"))
+    run = load_run(run_dir, device="cpu")
+    assert not hf.config.tie_word_embeddings
+    ids = torch.tensor([run.tokenizer.encode("<|Q|>Is water good for me?<|A|>").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, run.model(ids), rtol=0, atol=1e-4)
+
+
+def test_qk_norm_refuses_export(tmp_path, run_cli):
+    run_dir = _trained(tmp_path, "model.qk_norm=true")
+    run_cli("export", "--run", run_dir, "--out", tmp_path / "hf").assert_user_error(
+        "cannot express model.qk_norm"
+    )
+    assert not (tmp_path / "hf").exists()
+
+
 def test_unknown_format_is_an_error(exported, run_cli, tmp_path):
     run_dir, _ = exported
     result = run_cli("export", "--run", run_dir, "--format", "gguf", "--out", tmp_path / "x")
