@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from fraglm.config import Config, SampleConfig, from_dict, load_config, reference_markdown
-from fraglm.errors import FraglmError
+from fraglm.errors import FraglmError, describe_exception, read_text_file
 
 app = typer.Typer(
     help="Train a small language model end to end with FragmentStream attention.",
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+DEBUG_ENV = "FRAGLM_DEBUG"
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -79,17 +81,35 @@ def train(
             "shape); sets train.init_from.",
         ),
     ] = None,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            "--resume-from",
+            help="Continue from this checkpoint (e.g. step-0000300) instead of the latest; "
+            "later checkpoints of the run are dropped.",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Start over in a train.out_dir that holds a run."),
+    ] = False,
 ) -> None:
     """Train the model (tokenizing first when the token shards are missing or stale)."""
     from fraglm.train import train as run_train
 
-    if init_from is not None and resume:
+    if init_from is not None and (resume or resume_from is not None):
         raise FraglmError("--init-from starts a new run; --resume continues one: give one")
     overrides = [
         *(set_ or []),
         *([f"train.init_from={json.dumps(init_from)}"] if init_from else []),
     ]
-    result = run_train(_load(config, overrides), resume=resume, max_new_steps=steps)
+    result = run_train(
+        _load(config, overrides),
+        resume=resume,
+        max_new_steps=steps,
+        resume_from=resume_from,
+        overwrite=overwrite,
+    )
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     if math.isnan(result.final_train_loss) and result.stopped_early:
         typer.echo(
@@ -213,9 +233,8 @@ def generate(
 def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FraglmError(f"prompts file not found: {path}")
-    prompts = [
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    prompts = [line.strip() for line in read_text_file(path, "prompts file").splitlines()]
+    prompts = [line for line in prompts if line]
     if not prompts:
         raise FraglmError(f"prompts file {path} has no prompts")
     return prompts
@@ -289,20 +308,55 @@ def eval_(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory (hf) or .gguf file (gguf) to write.")
+    ],
     run: RunOption = None,
     format_: Annotated[
-        str, typer.Option("--format", help="Export format: hf (Hugging Face Llama).")
+        str,
+        typer.Option(
+            "--format", help="Export format: hf (Hugging Face Llama) or gguf (llama.cpp, Ollama)."
+        ),
     ] = "hf",
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="GGUF weight type: f32 (default), f16 or q8_0."),
+    ] = None,
     checkpoint: CheckpointOption = "best",
 ) -> None:
-    """Write a trained run as a Hugging Face model directory (AutoModelForCausalLM)."""
+    """Write a trained run as a Hugging Face model directory or a GGUF file."""
+    if format_ == "gguf":
+        from fraglm.gguf_export import export_gguf
+
+        path = export_gguf(run, out, which=_checkpoint_choice(checkpoint), dtype=dtype or "f32")
+        typer.echo(f"exported to {path} (llama.cpp: llama-cli -m {path}; Ollama: see README)")
+        return
     from fraglm.export import export_hf
 
     if format_ != "hf":
-        raise FraglmError(f"--format must be hf, not {format_!r}")
+        raise FraglmError(f"--format must be hf or gguf, not {format_!r}")
+    if dtype is not None:
+        raise FraglmError("--dtype applies to --format gguf (hf export writes float32)")
     path = export_hf(run, out, which=_checkpoint_choice(checkpoint))
     typer.echo(f"exported to {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+
+
+@app.command()
+def serve(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = "best",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every interface; no auth).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    device: DeviceOption = "auto",
+) -> None:
+    """Serve a trained run: OpenAI-compatible API at /v1 and a chat page at / (serve extra)."""
+    try:
+        from fraglm.serve import serve as run_server
+    except ImportError:
+        raise FraglmError('serve needs fastapi and uvicorn: pip install -e ".[serve]"') from None
+    run_server(run, which=_checkpoint_choice(checkpoint), host=host, port=port, device=device)
 
 
 @app.command()
@@ -350,13 +404,44 @@ def config_reference() -> None:
     typer.echo(reference_markdown())
 
 
+_session = {"debug": False}  # set by --debug for the command being run
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help=f"Show the traceback of an unexpected error (or {DEBUG_ENV}=1)."
+        ),
+    ] = False,
+) -> None:
+    if debug:
+        _session["debug"] = True
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: every error becomes one line on stderr and exit code 2.
+
+    A ``FraglmError`` is a problem the user can fix and says so; any other exception that
+    escapes a command is a fault fraglm did not foresee, reported in the same one line (its
+    type and message) unless debugging (``--debug`` or ``FRAGLM_DEBUG=1``), where it
+    propagates with its traceback, as the tests want it.
+    """
+    _session["debug"] = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         app()
     except FraglmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if _session["debug"]:
+            raise
+        _fail(f"{describe_exception(exc)} (run with --debug for the traceback)")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    sys.exit(2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +19,17 @@ from typing import Any, Literal
 
 import yaml
 
-from fraglm.errors import FraglmError
+from fraglm.errors import FraglmError, first_line, read_text_file
 
 SPECIAL_TOKENS = ("<|pad|>", "<|Q|>", "<|A|>", "<|END|>")
 PAD, QUESTION, ANSWER, END = SPECIAL_TOKENS
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 64 bits
+MIN_TEMPERATURE = 0.01
+# Limits on what a config file or an override may hold (keys are flat: section.key = scalar).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 10_000
+MAX_YAML_DEPTH = 8
+INT_LIMIT = 2**64  # every integer setting fits in 64 bits
 
 
 def _opt(default: Any, help: str, **constraints: Any) -> Any:
@@ -46,7 +55,9 @@ class DataConfig:
     )
     max_records: int | None = _opt(None, "Use only the first N records (quick experiments).", ge=1)
     val_fraction: float = _opt(0.05, "Fraction of documents held out for validation.", ge=0, lt=1)
-    split_seed: int = _opt(1234, "Seed of the deterministic train/validation split by document.")
+    split_seed: int = _opt(
+        1234, "Seed of the deterministic train/validation split by document.", ge=0, le=SEED_MAX
+    )
     tokenized_dir: str = _opt(
         "data/tokenized/sample",
         "Where `fraglm tokenize` writes tokenizer.json, train.bin, val.bin and meta.json.",
@@ -86,6 +97,11 @@ class ModelConfig:
         "fragment", "Attention backend: fragment (FragmentStream), sdpa (PyTorch), naive."
     )
     fragment_size: int = _opt(128, "FragmentStream fragment length in tokens.", ge=1)
+    fragment_impl: Literal["auto", "triton", "torch"] = _opt(
+        "auto",
+        "FragmentStream kernels: triton (fused Triton kernels, CUDA GPUs of capability 7.0+), "
+        "torch (the tile loop, any device), auto (triton where supported, else torch).",
+    )
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)
     qk_norm: bool = _opt(
@@ -115,7 +131,7 @@ class TrainConfig:
         "fp32 on CPU.",
     )
     compile: bool = _opt(False, "torch.compile the model (ignored below CUDA capability 7.0).")
-    seed: int = _opt(1337, "Seed for initialisation and batch sampling.")
+    seed: int = _opt(1337, "Seed for initialisation and batch sampling.", ge=0, le=SEED_MAX)
     batch_size: int = _opt(32, "Global batch size in sequences per optimizer step.", ge=1)
     grad_accum: int = _opt(1, "Micro-batches per optimizer step (batch_size must divide).", ge=1)
     max_steps: int = _opt(2000, "Optimizer steps.", ge=1)
@@ -180,12 +196,18 @@ class LoggingConfig:
 
 @dataclass
 class SampleConfig:
-    temperature: float = _opt(0.8, "Sampling temperature; 0 means greedy.", ge=0)
+    temperature: float = _opt(
+        0.8,
+        f"Sampling temperature: 0 means greedy, else at least {MIN_TEMPERATURE} (lower ones "
+        "overflow the scaled logits).",
+        ge=0,
+        le=1000,
+    )
     top_k: int = _opt(0, "Keep only the k most likely tokens (0 disables).", ge=0)
     top_p: float = _opt(1.0, "Nucleus sampling mass, in (0, 1].", gt=0, le=1)
     repetition_penalty: float = _opt(1.0, "Penalty > 1 discourages repeated tokens.", gt=0)
     max_new_tokens: int = _opt(200, "Maximum tokens to generate.", ge=1)
-    seed: int | None = _opt(None, "Sampling seed (default: random).")
+    seed: int | None = _opt(None, "Sampling seed (default: random).", ge=0, le=SEED_MAX)
     stop: str = _opt(END, "Text that ends generation.")
 
 
@@ -243,6 +265,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         tp = _non_null(tp)
     if tp is float and isinstance(value, str):
         value = _parse_float(value)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (
+        tp is float
+        and number
+        and not (abs(value) < INT_LIMIT if isinstance(value, int) else math.isfinite(value))
+    ):
+        raise FraglmError(f"config key '{key}' = {show(value)}: must be a finite number")
+    if tp is int and isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+        raise FraglmError(f"config key '{key}' = {show(value)}: must fit in 64 bits")
     ok = (
         (typing.get_origin(tp) is Literal and value in typing.get_args(tp))
         or (tp is bool and isinstance(value, bool))
@@ -251,8 +282,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        raise FraglmError(f"config key '{key}' = {value!r}: expected {_describe_type(tp)}")
+        raise FraglmError(f"config key '{key}' = {show(value)}: expected {_describe_type(tp)}")
     return float(value) if tp is float else value
+
+
+_REPR = reprlib.Repr()  # bounded even for deep or huge values (YAML aliases)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 80, 80, 40
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` on one line, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show(value: Any) -> str:
+    """A value as it appears in a message: a bounded repr, on one line, shortened."""
+    return shorten(_REPR.repr(value))
 
 
 def _parse_float(text: str) -> float | str:
@@ -274,7 +320,7 @@ def _check_bounds(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     }
     for name, (test, op) in checks.items():
         if name in meta and not test(meta[name]):
-            raise FraglmError(f"config key '{key}' = {value!r}: must be {op} {meta[name]}")
+            raise FraglmError(f"config key '{key}' = {show(value)}: must be {op} {meta[name]}")
 
 
 def _build_section(section: str, values: dict[str, Any]) -> Any:
@@ -283,7 +329,7 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
-        key = f"{section}.{name}"
+        key = f"{section}.{shorten(str(name))}"
         if name not in fields:
             raise FraglmError(
                 f"unknown config key '{key}'" + _closest(name, list(fields), f"{section}.")
@@ -309,6 +355,11 @@ def _check_consistency(cfg: Config) -> None:
             f"config key 'model.n_kv_heads' = {m.n_kv_heads}: must divide model.n_heads = "
             f"{m.n_heads}"
         )
+    if 0 < cfg.sample.temperature < MIN_TEMPERATURE:
+        raise FraglmError(
+            f"config key 'sample.temperature' = {cfg.sample.temperature!r}: must be 0 (greedy) "
+            f"or at least {MIN_TEMPERATURE}"
+        )
     if t.batch_size % t.grad_accum:
         raise FraglmError(
             f"config key 'train.grad_accum' = {t.grad_accum}: must divide train.batch_size = "
@@ -318,15 +369,15 @@ def _check_consistency(cfg: Config) -> None:
         for placeholder in ("{question}", "{answer}"):
             if placeholder not in cfg.data.template:
                 raise FraglmError(
-                    f"config key 'data.template' = {cfg.data.template!r}: must contain "
+                    f"config key 'data.template' = {show(cfg.data.template)}: must contain "
                     f"{placeholder}"
                 )
         try:
             cfg.data.template.format(question="", answer="")
         except (KeyError, IndexError, ValueError, AttributeError):
             raise FraglmError(
-                f"config key 'data.template' = {cfg.data.template!r}: the only placeholders are "
-                "{question} and {answer} (write {{ or }} for a literal brace)"
+                f"config key 'data.template' = {show(cfg.data.template)}: the only placeholders "
+                "are {question} and {answer} (write {{ or }} for a literal brace)"
             ) from None
 
 
@@ -338,7 +389,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for section, values in raw.items():
         if section not in SECTIONS:
             raise FraglmError(
-                f"unknown config section '{section}'" + _closest(section, list(SECTIONS))
+                f"unknown config section {show(section)}" + _closest(section, list(SECTIONS))
             )
         if values is None:
             values = {}
@@ -354,16 +405,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``section.key=value`` overrides (values parsed as YAML) to raw config data."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise FraglmError(
+                f"override {show(item)} is longer than {MAX_OVERRIDE_CHARS:,} characters"
+            )
         dotted, sep, text = item.partition("=")
         section, dot, key = dotted.strip().partition(".")
         if not sep or not dot or not key:
-            raise FraglmError(f"override '{item}' must look like section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise FraglmError(
-                f"override '{item}': value is not valid YAML ({exc.problem})"
-            ) from None
+            raise FraglmError(f"override {show(item)} must look like section.key=value")
+        value = parse_yaml(text, f"override {show(item)}") if text.strip() else None
         values = merged.get(section)
         if values is None:
             values = merged[section] = {}
@@ -377,7 +427,29 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's message spans several lines; keep what is wrong and where."""
     problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return shorten(problem, 120) + where
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML as plain data, within limits: nesting deeper than ``MAX_YAML_DEPTH``, a type tag
+    its value does not fit (``!!float abc``) and invalid YAML are one-line errors."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # iterative: no recursion
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise FraglmError(f"{what} nests deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FraglmError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise FraglmError(
+            f"{what}: a value does not fit its type tag ({shorten(first_line(exc), 80)})"
+        ) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -387,14 +459,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise FraglmError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise FraglmError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        raw = parse_yaml(read_text_file(path, "config file"), f"config file {path}")
+        if raw is None:
             raise FraglmError(
-                f"config file {path} is not valid YAML: {_yaml_problem(exc)}"
-            ) from None
-        except UnicodeDecodeError:
-            raise FraglmError(f"config file {path} is not UTF-8 text") from None
+                f"config file {path} is empty; give it at least one section (data, model, "
+                "train, ...), or leave out --config for the built-in defaults"
+            )
         if not isinstance(raw, dict):
             raise FraglmError(f"config file {path} must be a mapping of sections")
     return from_dict(apply_overrides(raw, overrides or []))

@@ -9,11 +9,14 @@ kill never damages a previous result.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,10 @@ import numpy as np
 from datasets.exceptions import DatasetGenerationError
 from tokenizers import Tokenizer
 
+from fraglm.atomic import atomic_write, fsync_dir, write_text_atomic
 from fraglm.config import END, Config, DataConfig
 from fraglm.errors import FraglmError, first_line
+from fraglm.runlock import lock_sibling
 from fraglm.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 
 FORMAT_VERSION = 1
@@ -116,9 +121,10 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
                 "na_values": [""],
             }
         try:
-            ds = datasets.load_dataset(
-                LOCAL_BUILDERS[suffix], data_files=str(path), split="train", **options
-            )
+            with _quiet_datasets():
+                ds = datasets.load_dataset(
+                    LOCAL_BUILDERS[suffix], data_files=str(path), split="train", **options
+                )
         except Exception as exc:
             if "corresponds to no data" in str(exc):  # datasets' words for zero records
                 raise FraglmError(f"corpus {path} has no records") from None
@@ -144,6 +150,23 @@ def load_records(cfg: DataConfig) -> datasets.Dataset:
     if len(ds) == 0:
         raise FraglmError(f"corpus {cfg.path} has no records")
     return ds
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No log lines and progress bars from ``datasets`` while it reads a corpus: a file it
+    cannot parse would print several lines of its own before our one-line error. The
+    settings are restored afterwards."""
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _column(ds: datasets.Dataset, name: str, source: str) -> list[Any]:
@@ -238,9 +261,10 @@ def _encode(documents: list[str], tokenizer: Tokenizer, num_proc: int) -> list[n
 
 
 def _write_tokens(path: Path, pieces: list[np.ndarray], dtype: np.dtype) -> int:
-    with path.open("wb") as fh:
+    # fh.write, not ndarray.tofile: tofile does not report a short write (a full disk)
+    with atomic_write(path) as fh:
         for piece in pieces:
-            piece.astype(dtype, copy=False).tofile(fh)
+            fh.write(piece.astype(dtype, copy=False).tobytes())
     return sum(len(p) for p in pieces)
 
 
@@ -252,6 +276,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -260,7 +285,13 @@ def tokenize(
     cfg: Config, *, progress: bool = True, tokenizer: Tokenizer | None = None
 ) -> TokenizeSummary:
     """Train the tokenizer (or use ``tokenizer``: a run initialised from another run's
-    weights keeps its vocabulary) and write the token shards; see the module docstring."""
+    weights keeps its vocabulary) and write the token shards; see the module docstring.
+    One process at a time per ``data.tokenized_dir`` (a lock beside it)."""
+    with lock_sibling(Path(cfg.data.tokenized_dir), "tokenized data"):
+        return _tokenize(cfg, progress=progress, tokenizer=tokenizer)
+
+
+def _tokenize(cfg: Config, *, progress: bool, tokenizer: Tokenizer | None) -> TokenizeSummary:
     start = time.perf_counter()
     ds = load_records(cfg.data)
     documents = make_documents(ds, cfg.data)
@@ -279,11 +310,11 @@ def tokenize(
     final = Path(cfg.data.tokenized_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in final.parent.glob(f"{glob.escape(final.name)}.tmp-*"):  # interrupted runs
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        write_text_atomic(tmp / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
         counts = {
             split: _write_tokens(tmp / f"{split}.bin", [encoded[i] for i in idx], dtype)
             for split, idx in zip(SPLITS, (train_idx, val_idx), strict=True)
@@ -308,7 +339,7 @@ def tokenize(
             "val_fraction": cfg.data.val_fraction,
             "seconds": round(summary.seconds, 2),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,10 +7,12 @@ so bf16 is chosen from the device capability, never from that call alone.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
 
+from fraglm.config import show
 from fraglm.errors import FraglmError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,13 +37,19 @@ class Precision:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", name):
+        raise FraglmError(f"device {show(name)} is not one of auto, cpu, cuda, cuda:N, mps")
+    if name.startswith("cuda:") and torch.cuda.is_available():
+        index, count = int(name.removeprefix("cuda:")), torch.cuda.device_count()
+        if index >= count:
+            raise FraglmError(f"device {name!r}: this machine has {count} CUDA device(s)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise FraglmError("train.device = 'cuda' but no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise FraglmError("train.device = 'mps' but MPS is not available")

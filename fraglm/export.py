@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from fraglm.config import END, PAD, ModelConfig
 from fraglm.errors import FraglmError
 from fraglm.model import Transformer, kv_heads, mlp_hidden_size
-from fraglm.run import load_run
+from fraglm.run import LoadedRun, load_run
 
 
 def llama_config(
@@ -93,19 +93,26 @@ def to_hf_llama(model: Transformer) -> Any:
     return hf.to(next(model.parameters()).device).eval()
 
 
-def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path:
-    """Write a Hugging Face model directory for a run; returns ``out``."""
+def load_llama_run(run: str | Path | None, *, which: str, target: str) -> LoadedRun:
+    """A run on the CPU whose model has Llama's layout (``model.arch = 'modern'``), for
+    export to ``target``; the seed architecture is refused in one line."""
     loaded = load_run(run, which=which, device="cpu")
     if loaded.cfg.model.arch != "modern":
         raise FraglmError(
-            f"export to Hugging Face supports model.arch = 'modern' (Llama layout); "
+            f"export to {target} supports model.arch = 'modern' (Llama layout); "
             f"{loaded.run_dir} uses '{loaded.cfg.model.arch}' (learned positions, LayerNorm, GELU)"
         )
     if loaded.cfg.model.qk_norm:
         raise FraglmError(
-            f"export to Hugging Face cannot express model.qk_norm (Llama has no norm on queries "
+            f"export to {target} cannot express model.qk_norm (Llama has no norm on queries "
             f"and keys); {loaded.run_dir} was trained with it"
         )
+    return loaded
+
+
+def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path:
+    """Write a Hugging Face model directory for a run; returns ``out``."""
+    loaded = load_llama_run(run, which=which, target="Hugging Face")
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError:

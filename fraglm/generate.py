@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,18 +143,20 @@ def stream_text(
     prompt: str,
     rng: torch.Generator,
     *,
-    stop: str,
+    stop: str | Sequence[str],
 ) -> Iterator[str]:
-    """Decoded answer text as it is produced, special tokens left out; ends at ``stop``
-    (which is not printed)."""
+    """Decoded answer text as it is produced, special tokens left out; ends at the first
+    ``stop`` text (one or several; not printed)."""
+    stops = [s for s in ((stop,) if isinstance(stop, str) else stop) if s]
     ids = generator.stream(tokenizer.encode(prompt).ids, rng)
     held = ""
     for piece in decode_stream(tokenizer, ids, skip_special_tokens=True):
         held += piece
-        if stop and stop in held:
-            yield held[: held.index(stop)]
+        found = [held.index(s) for s in stops if s in held]
+        if found:
+            yield held[: min(found)]
             return
-        keep = _partial_stop_suffix(held, stop)
+        keep = max((_partial_stop_suffix(held, s) for s in stops), default=0)
         if len(held) > keep:
             yield held[: len(held) - keep]
             held = held[len(held) - keep :]

@@ -145,8 +145,9 @@ class Attention(nn.Module):
             k, v = cache.append(self.layer, k, v)
         if cp_group is not None:
             y = ring_attention(
-                q, k, v, group=cp_group, fragment_size=self.cfg.fragment_size, doc_ids=doc_ids
-            )
+                q, k, v, group=cp_group, fragment_size=self.cfg.fragment_size, doc_ids=doc_ids,
+                impl=self.cfg.fragment_impl,
+            )  # fmt: skip
         else:
             y = attention(
                 q,
@@ -156,6 +157,7 @@ class Attention(nn.Module):
                 causal=True,
                 fragment_size=self.cfg.fragment_size,
                 doc_ids=doc_ids,
+                impl=self.cfg.fragment_impl,
             )
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.dropout(linear(y, self.out.weight, self.out.bias))

@@ -8,7 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fraglm.checkpoint import METRICS_FILE, write_text_atomic
+from fraglm.atomic import AppendFile, write_text_atomic
+from fraglm.checkpoint import METRICS_FILE
 from fraglm.config import Config
 from fraglm.errors import FraglmError, first_line
 
@@ -43,7 +44,7 @@ class Tracker:
         else:
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = AppendFile(self.path)  # a failed append never damages earlier lines
         self._wandb = _start_wandb(run_dir, cfg, resume=resume_step is not None)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -51,8 +52,7 @@ class Tracker:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        self._file.append(json.dumps(clean) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fraglm import checkpoint as ckpt
+from fraglm import runlock
 from fraglm.allocator import keep_freed_memory
 from fraglm.batches import Batch, make_sampler
 from fraglm.config import Config, TrainConfig
@@ -89,18 +90,45 @@ def _check_compatible(saved: Config, cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False, env: DistEnv | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: bool = False,
+        resume_from: str | None = None,
+        overwrite: bool = False,
+        env: DistEnv | None = None,
+    ) -> None:
+        """``resume``: continue from the latest checkpoint; ``resume_from``: from this one
+        (``step-N``); ``overwrite``: start over in a directory that holds a run. The main
+        rank holds the run directory's lock until ``run`` ends (or ``close``)."""
+        self.env = env or DistEnv()
+        self._lock = runlock.lock_run(Path(cfg.train.out_dir)) if self.env.is_main else None
+        try:
+            self._setup(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (``run`` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(
+        self, cfg: Config, *, resume: bool, resume_from: str | None, overwrite: bool
+    ) -> None:
         self.cfg = cfg
         tcfg = cfg.train
-        self.env = env or DistEnv()
         self.run_dir = Path(tcfg.out_dir)
-        if not resume and ckpt.has_checkpoint(self.run_dir):
-            raise FraglmError(
-                f"{self.run_dir} already holds a trained run; continue it with --resume, "
-                "or choose another train.out_dir"
-            )
-        if resume and not ckpt.has_checkpoint(self.run_dir):
-            raise FraglmError(f"cannot resume: no checkpoint in {self.run_dir}")
+        self.resume_dir = ckpt.open_run_dir(
+            self.run_dir,
+            resume=resume,
+            resume_from=resume_from,
+            overwrite=overwrite,
+            writable=self.env.is_main,
+        )
+        resume = self.resume_dir is not None
         if resume:
             _check_compatible(ckpt.load_run_config(self.run_dir), cfg)
         parent = None if resume else parent_run(cfg)
@@ -172,9 +200,10 @@ class Trainer:
         )
 
     def _load_latest(self) -> None:
-        path = ckpt.checkpoint_dir(self.run_dir, "latest")
+        path = self.resume_dir
         ckpt.load_weights(self.model, path)
         state = ckpt.load_state(path)
+        ckpt.check_optimizer_state(state["optimizer"], self.optimizer, path / ckpt.STATE_FILE)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
@@ -183,7 +212,7 @@ class Trainer:
             self.best_val = state.get("best_val")
             self.best_step = state.get("best_step")
             self.evals_since_best = int(state.get("evals_since_best", 0))
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise FraglmError(f"checkpoint state in {path} is incompatible: {exc}") from None
 
     def _state(self) -> dict[str, Any]:
@@ -340,6 +369,7 @@ class Trainer:
             bar.close()
             if self.tracker is not None:
                 self.tracker.close()
+            self.close()
         return TrainResult(
             self.run_dir,
             self.step,
@@ -444,11 +474,18 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def train(cfg: Config, *, resume: bool = False, max_new_steps: int | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    max_new_steps: int | None = None,
+    resume_from: str | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
     """Train in this process, or as one rank of a torchrun job (see fraglm.distributed)."""
     env = setup(cfg)
     try:
-        trainer = Trainer(cfg, resume=resume, env=env)
+        trainer = Trainer(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, env=env)
         if env.is_main:
             parallel = ""
             if env.enabled:

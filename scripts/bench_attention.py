@@ -13,7 +13,15 @@ allocation/free events that the profiler records in the CPU allocator
 (``torch.profiler.profile(profile_memory=True)``), which also sees buffers that
 ATen kernels allocate internally (e.g. SDPA's per-thread scratch space).
 
+Variants: ``fragment`` takes the implementation ``impl="auto"`` picks (the Triton kernels
+on CUDA GPUs of capability 7.0+, the torch tile loop elsewhere); ``fragment-triton`` and
+``fragment-torch`` force one. ``-doc`` variants pack ``--docs`` equal documents;
+``flex-doc`` is FlexAttention (compiled) with the same causal document mask as a
+``BlockMask``, the peer of FragmentStream's document tile skipping.
+
 Example: python scripts/bench_attention.py --seq-lens 512 1024 2048 --repeats 3
+         python scripts/bench_attention.py --device cuda --dtypes bf16 --head-dim 64 \
+             --backends sdpa-flash fragment-triton fragment-triton-doc flex-doc
 """
 
 from __future__ import annotations
@@ -32,17 +40,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fraglm.attention import attention
 from fraglm.benchmarking import machine, peak_mib, sync
+from fraglm.errors import FraglmError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# name -> (backend, documents packed, SDPA kernel forced)
-VARIANTS: dict[str, tuple[str, bool, SDPBackend | None]] = {
-    "naive": ("naive", False, None),
-    "sdpa": ("sdpa", False, None),
-    "sdpa-efficient": ("sdpa", False, SDPBackend.EFFICIENT_ATTENTION),
-    "sdpa-flash": ("sdpa", False, SDPBackend.FLASH_ATTENTION),
-    "sdpa-doc": ("sdpa", True, None),
-    "fragment": ("fragment", False, None),
-    "fragment-doc": ("fragment", True, None),
+# name -> (backend, documents packed, SDPA kernel forced, fragment impl)
+VARIANTS: dict[str, tuple[str, bool, SDPBackend | None, str]] = {
+    "naive": ("naive", False, None, "auto"),
+    "sdpa": ("sdpa", False, None, "auto"),
+    "sdpa-efficient": ("sdpa", False, SDPBackend.EFFICIENT_ATTENTION, "auto"),
+    "sdpa-flash": ("sdpa", False, SDPBackend.FLASH_ATTENTION, "auto"),
+    "sdpa-doc": ("sdpa", True, None, "auto"),
+    "flex-doc": ("flex", True, None, "auto"),
+    "fragment": ("fragment", False, None, "auto"),
+    "fragment-doc": ("fragment", True, None, "auto"),
+    "fragment-triton": ("fragment", False, None, "triton"),
+    "fragment-triton-doc": ("fragment", True, None, "triton"),
+    "fragment-torch": ("fragment", False, None, "torch"),
+    "fragment-torch-doc": ("fragment", True, None, "torch"),
 }
 NAIVE_BYTES_PER_SCORE = 6.5  # measured peak of the naive backend: ~6 fp32 T x T tensors
 
@@ -53,6 +67,7 @@ class Result:
     variant: str
     dtype: str
     fragment: int | None
+    head_dim: int = 0
     ms: float | None = None
     peak_mib: float | None = None
     note: str = ""
@@ -96,7 +111,7 @@ def load_average() -> str:
 def make_step(
     variant: str, fragment: int | None, args: argparse.Namespace, dtype: torch.dtype, n: int
 ) -> Callable[[], None]:
-    backend, packed, kernel = VARIANTS[variant]
+    backend, packed, kernel, impl = VARIANTS[variant]
     device = torch.device(args.device)
     gen = torch.Generator(device).manual_seed(0)
     kv_heads = args.kv_heads or args.heads
@@ -113,14 +128,36 @@ def make_step(
         docs = (torch.arange(n, device=device) * args.docs // n).expand(args.batch, n)
     options = {"backend": backend, "doc_ids": docs}
     if fragment is not None:
-        options["fragment_size"] = fragment
+        options.update(fragment_size=fragment, impl=impl)
+    attend = flex_document_attention(docs, q, k) if backend == "flex" else attention
 
     def step() -> None:
         with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
-            attention(q, k, v, **options).backward(dout)
+            attend(q, k, v, **options).backward(dout)
         q.grad = k.grad = v.grad = None
 
     return step
+
+
+def flex_document_attention(
+    docs: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+) -> Callable[..., torch.Tensor]:
+    """Compiled FlexAttention with a causal document ``BlockMask`` built once (as a
+    training loop would per batch), same arguments as :func:`attention`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    n = q.shape[2]
+    mask = create_block_mask(mask_mod, q.shape[0], None, n, n, device=q.device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    gqa = q.shape[1] != k.shape[1]
+
+    def attend(q, k, v, **_options) -> torch.Tensor:
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+    return attend
 
 
 def variants_for(args: argparse.Namespace, n: int) -> Iterator[tuple[str, int | None, str]]:
@@ -140,7 +177,7 @@ def bench_length(args: argparse.Namespace, dtype_name: str, n: int) -> list[Resu
     dtype = DTYPES[dtype_name]
     results, steps = [], []
     for variant, fragment, skip in variants_for(args, n):
-        result = Result(n, variant, dtype_name, fragment, note=skip)
+        result = Result(n, variant, dtype_name, fragment, args.head_dim, note=skip)
         results.append(result)
         if skip:
             continue
@@ -149,7 +186,7 @@ def bench_length(args: argparse.Namespace, dtype_name: str, n: int) -> list[Resu
             if device.type == "cuda":
                 step()  # warm-up: cuBLAS handles and workspaces are not the step's memory
             result.peak_mib = peak_mib(step, device)  # on CPU this run is the warm-up
-        except RuntimeError as err:
+        except (RuntimeError, FraglmError) as err:  # also torch.compile's errors (flex)
             result.note = f"n/a: {str(err).splitlines()[0][:60]}"
             continue
         steps.append((result, step, []))
@@ -176,15 +213,22 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else ""
 
 
-def table(results: list[Result]) -> str:
-    lines = [
-        "| T | backend | dtype | F | fwd+bwd ms | peak MiB | time / sdpa | memory / sdpa |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
-    ]
+TABLE_HEADER = (
+    "| T | backend | dtype | F | fwd+bwd ms | peak MiB | time / sdpa | memory / sdpa |\n"
+    "|---:|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def table_rows(results: list[Result]) -> str:
+    """Rows of the results of one sequence length; ratios against ``sdpa`` (or
+    ``sdpa-flash`` where it did not run), ``-doc`` variants against ``sdpa-doc``."""
+    lines = []
     for r in results:
-        base = find(
-            results, "sdpa-doc" if r.variant.endswith("-doc") else "sdpa", r.seq_len, r.dtype
+        base = find(results, "sdpa", r.seq_len, r.dtype) or find(
+            results, "sdpa-flash", r.seq_len, r.dtype
         )
+        if r.variant.endswith("-doc"):
+            base = find(results, "sdpa-doc", r.seq_len, r.dtype)
         ms = f"{r.ms:.1f}" if r.ms is not None else r.note
         mib = f"{r.peak_mib:.1f}" if r.peak_mib is not None else ""
         lines.append(
@@ -218,6 +262,30 @@ def targets(results: list[Result]) -> list[str]:
     return lines
 
 
+def gpu_targets(results: list[Result]) -> list[str]:
+    """Issue 12's targets for the Triton kernels, against SDPA's flash kernel and
+    FlexAttention (rows present only on CUDA)."""
+    lines = []
+    for r in (r for r in results if r.variant == "fragment-triton" and r.ms is not None):
+        flash = find(results, "sdpa-flash", r.seq_len, r.dtype)
+        tag = f"T={r.seq_len} {r.dtype} F={r.fragment}"
+        if flash and r.seq_len >= 2048 and r.dtype == "bf16":
+            limit = 1.2 if r.head_dim == 64 else 1.5
+            lines.append(check(f"{tag} D={r.head_dim}: time / sdpa-flash", r.ms / flash.ms,
+                               "<=", limit))  # fmt: skip
+    for r in (r for r in results if r.variant == "fragment-triton-doc" and r.ms is not None):
+        if r.seq_len != 8192:
+            continue
+        tag = f"T={r.seq_len} {r.dtype} D={r.head_dim} F={r.fragment}"
+        flash = find(results, "sdpa-flash", r.seq_len, r.dtype)
+        flex = find(results, "flex-doc", r.seq_len, r.dtype)
+        if flash:
+            lines.append(check(f"{tag}: doc time / sdpa-flash causal", r.ms / flash.ms, "<=", 0.3))
+        if flex:
+            lines.append(check(f"{tag}: doc time / flex-doc", r.ms / flex.ms, "<", 1.0))
+    return lines
+
+
 def check(what: str, value: float, op: str, limit: float) -> str:
     ok = value <= limit if op == "<=" else value < limit
     return f"- {what} = {value:.3f} (target {op} {limit}): {'met' if ok else 'NOT met'}"
@@ -235,14 +303,17 @@ def main(argv: list[str] | None = None) -> None:
         f"Shape: B={args.batch}, H={args.heads}{kv}, D={args.head_dim}, causal; -doc variants "
         f"pack {args.docs} equal documents; median of {args.repeats} runs\n"
     )
+    print(TABLE_HEADER, flush=True)
     results = []
     for dtype_name in args.dtypes:
         for n in args.seq_lens:
-            results += bench_length(args, dtype_name, n)
-            print(f"done T={n} {dtype_name}", file=sys.stderr, flush=True)
-    print(table(results))
+            length_results = bench_length(args, dtype_name, n)
+            results += length_results
+            # each length's rows as soon as they are measured: a run stopped by a time
+            # limit keeps what it measured
+            print(table_rows(length_results), flush=True)
     print(f"\nLoad average (1, 5, 15 min) at start {load_start}, at end {load_average()}")
-    lines = targets(results)
+    lines = targets(results) + gpu_targets(results)
     if lines:
         print("\nTargets:\n" + "\n".join(lines))
 

@@ -31,6 +31,17 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 # A small Q&A corpus with the text a tokenizer must survive: accents, Greek, Cyrillic, CJK,
 # emoji and combining marks, newlines, quotes, commas and braces, numbers, "None".
 _TOPICS = [
@@ -99,6 +110,31 @@ def qa_jsonl(tmp_path, qa_records) -> Path:
     return _write_jsonl(tmp_path / "corpus.jsonl", qa_records)
 
 
+def _train_tiny_run(tmp: Path, *overrides: str) -> Path:
+    from fraglm.config import load_config
+    from fraglm.train import train
+
+    cfg = load_config(
+        REPO_ROOT / "configs/tiny.yaml",
+        [
+            f"data.path={REPO_ROOT / 'data/sample_health_qa.jsonl'}",
+            f"data.tokenized_dir={tmp / 'tokens'}",
+            f"train.out_dir={tmp / 'run'}",
+            "train.max_steps=12",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def train_tiny_run():
+    """``train_tiny_run(tmp_dir, *overrides) -> run_dir``: configs/tiny.yaml for 12 steps on
+    the sample corpus (a few seconds), with ``--set`` style overrides."""
+    return _train_tiny_run
+
+
 @dataclass
 class CliResult:
     exit_code: int
@@ -124,9 +160,11 @@ class CliResult:
 def run_cli(monkeypatch, capsys):
     """Run the real entry point (``fraglm.cli.main``) in-process: ``run_cli("tokenize", ...)``.
 
-    An exception that is not turned into a message escapes and fails the test.
+    An exception that is not a ``FraglmError`` escapes (``FRAGLM_DEBUG``) and fails the test.
     """
     from fraglm.cli import main
+
+    monkeypatch.setenv("FRAGLM_DEBUG", "1")  # an unforeseen exception escapes main()
 
     def run(*args: object) -> CliResult:
         capsys.readouterr()

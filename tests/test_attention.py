@@ -19,6 +19,7 @@ from fraglm.attention import (
     sdpa_attention,
 )
 from fraglm.attention.fragment import _plan
+from fraglm.errors import FraglmError
 
 
 @dataclass(frozen=True)
@@ -305,3 +306,112 @@ def test_invalid_shapes_raise(q_shape, kv_shape, doc_shape, match) -> None:
     docs = None if doc_shape is None else torch.zeros(doc_shape, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
         fragment_attention(q, k, k, doc_ids=docs)
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Calls of the Tensor methods that copy values to the host (a wait on a GPU)."""
+    reads: list[str] = []
+    for name in ("tolist", "item", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_training_step_with_documents_reads_nothing_on_the_host(monkeypatch, op_log) -> None:
+    """Document ids on an accelerator are never read by the host: no wait per layer.
+
+    On the CPU the ids are host memory and steer the plan for free; the accelerator
+    branch runs here by declaring the ids unreadable, and must still be exact."""
+    from fraglm.attention import fragment
+    from fraglm.config import ModelConfig
+    from fraglm.model import Transformer
+
+    monkeypatch.setattr(fragment, "_reads_on_host", lambda device: False)
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=40, fragment_size=8), 50
+    )
+    idx = torch.randint(0, 50, (2, 40))
+    docs = make_docs(2, 40, torch.Generator().manual_seed(0))
+    reads = _count_host_reads(monkeypatch)
+    with op_log() as log:
+        model(idx, doc_ids=docs).float().square().mean().backward()
+    assert log.host_syncs == [] and reads == []
+    # the same tiles the reference computes
+    case = CASES["documents, GQA, Tq < Tk"]
+    q, k, v, dout, doc_ids = make_inputs(case, torch.float64)
+    kw = {"causal": case.causal, "doc_ids": doc_ids}
+    got = run(fragment_attention, q, k, v, dout, fragment_size=case.fragment, **kw)
+    want = run(naive_attention, q, k, v, dout, **kw)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_plan_is_built_once_per_shape() -> None:
+    args = (64, 64, 16)
+    first = _plan(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    again = _plan(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    assert first is again
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_impl_auto_and_torch_on_cpu_run_the_tile_loop(impl: str) -> None:
+    q, k, v, dout, docs = make_inputs(CASES["documents, GQA, Tq < Tk"], torch.float64)
+    got = run(fragment_attention, q, k, v, dout, doc_ids=docs, fragment_size=8, impl=impl)
+    want = run(fragment_attention, q, k, v, dout, doc_ids=docs, fragment_size=8)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype", "match"),
+    [
+        ("flash", torch.float32, "unknown fragment attention impl"),
+        ("triton", torch.float64, "fp32/fp16/bf16"),
+    ],
+)
+def test_impl_errors_are_one_line(impl: str, dtype: torch.dtype, match: str) -> None:
+    q = torch.zeros(1, 2, 4, 8, dtype=dtype)
+    with pytest.raises(FraglmError, match=match) as err:
+        fragment_attention(q, q, q, impl=impl)
+    assert "\n" not in str(err.value)
+
+
+def test_triton_on_cpu_needs_the_interpreter() -> None:
+    """Where triton runs compiled (not the interpreter), CPU tensors are a one-line error."""
+    pytest.importorskip("triton")
+    from fraglm.attention.triton_op import kernels
+
+    if kernels().INTERPRETED:
+        pytest.skip("this process runs triton's interpreter")
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(FraglmError, match="TRITON_INTERPRET=1") as err:
+        fragment_attention(q, q, q, impl="triton")
+    assert "\n" not in str(err.value)
+    from fraglm.config import ModelConfig
+    from fraglm.model import Transformer
+
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, context_length=8, fragment_impl="triton")
+    with pytest.raises(FraglmError, match="TRITON_INTERPRET=1"):
+        Transformer(cfg, 20)(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "triton"),
+    [
+        ((6, 0), torch.float16, False),  # P100: the tile loop
+        ((7, 0), torch.float16, True),  # V100
+        ((7, 5), torch.bfloat16, False),  # T4: no bf16 tensor cores
+        ((9, 0), torch.bfloat16, True),  # H100
+    ],
+)
+def test_auto_takes_triton_on_gpus_it_supports(monkeypatch, capability, dtype, triton) -> None:
+    from fraglm.attention import triton_op
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert triton_op._gpu_supported(torch.device("cuda"), dtype) == triton

@@ -46,10 +46,15 @@ def test_every_shipped_config_survives_show(path):
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
-def test_empty_file_and_empty_section_mean_defaults(tmp_path):
-    (tmp_path / "empty.yaml").write_text("", encoding="utf-8")
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_an_empty_file_is_an_error_not_all_defaults(tmp_path, text):
+    (tmp_path / "empty.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(FraglmError, match=r"empty\.yaml is empty; .* leave out --config"):
+        load_config(tmp_path / "empty.yaml")
+
+
+def test_empty_sections_mean_defaults(tmp_path):
     (tmp_path / "section.yaml").write_text("model:\ntrain:\n", encoding="utf-8")
-    assert load_config(tmp_path / "empty.yaml") == Config()
     assert load_config(tmp_path / "section.yaml") == Config()
 
 

@@ -302,6 +302,18 @@ def test_a_stop_text_is_cut_across_stream_pieces_and_never_printed(tokenizer):
     assert len(pieces) > 10  # streamed, not printed in one piece at the end
 
 
+def test_several_stop_texts_end_at_the_first_one_reached(tokenizer):
+    text = "Rest well. Drink. Sleep. More text."
+    ids = char_ids(tokenizer, text)
+    for stops, expected in [
+        (["Sleep", "Drink"], "Rest well. "),
+        (["XYZ", "Sleep"], "Rest well. Drink. "),
+        ([], text),
+    ]:
+        pieces = list(stream_text(ScriptedGenerator(ids), tokenizer, "q", make_rng(0), stop=stops))
+        assert "".join(pieces) == expected, stops
+
+
 def test_special_tokens_are_not_printed(tokenizer):
     ids = [*char_ids(tokenizer, "Rest"), tokenizer.token_to_id(ANSWER), *char_ids(tokenizer, ".")]
     pieces = stream_text(ScriptedGenerator(ids), tokenizer, "q", make_rng(0), stop=END)

@@ -39,20 +39,24 @@ def _inputs(with_docs: bool, dtype: torch.dtype):
 CASES = [(True, False, False), (False, False, False), (True, True, False), (True, True, True)]
 
 
-def _dtype_and_tolerance(autocast: bool) -> tuple[torch.dtype, float]:
+def _dtype_and_tolerance(autocast: bool, impl: str) -> tuple[torch.dtype, float]:
+    if impl == "triton":  # the kernels take fp32 at most
+        return torch.float32, 1e-5
     return (torch.float32, 1e-5) if autocast else (torch.float64, 1e-10)
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue, impl: str, cases: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for case, (causal, with_docs, autocast) in enumerate(CASES):
-            q, k, v, dout, docs = _inputs(with_docs, _dtype_and_tolerance(autocast)[0])
+        for case, (causal, with_docs, autocast) in enumerate(cases):
+            q, k, v, dout, docs = _inputs(with_docs, _dtype_and_tolerance(autocast, impl)[0])
             local = [zigzag_split(t, rank, world, dim=2).requires_grad_() for t in (q, k, v)]
             local_docs = None if docs is None else zigzag_split(docs, rank, world, dim=1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = ring_attention(*local, causal=causal, fragment_size=5, doc_ids=local_docs)
+                out = ring_attention(
+                    *local, causal=causal, fragment_size=5, doc_ids=local_docs, impl=impl
+                )
                 out.backward(zigzag_split(dout, rank, world, dim=2))
             tensors = [out.detach(), *(t.grad for t in local)]
             queue.put((case, rank, [t.numpy().copy() for t in tensors]))
@@ -63,16 +67,29 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def _run(world: int) -> dict:
+def _run(world: int, impl: str = "auto", cases: list = CASES) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
+    args = [(r, world, port, queue, impl, cases) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=a) for a in args]
+    # Triton's interpreter must be chosen before a rank imports triton: the ranks (and only
+    # they) inherit the variable from this process's environment while they start.
+    interpret = impl == "triton"  # the ranks' tensors are on the CPU
+    before = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if interpret and before is None:
+            del os.environ["TRITON_INTERPRET"]
+        elif interpret:
+            os.environ["TRITON_INTERPRET"] = before
     results, failure = {}, None
     try:
-        for _ in range(world * len(CASES)):
+        for _ in range(world * len(cases)):
             case, rank, payload = queue.get(timeout=180)
             if case is None:
                 failure = f"rank {rank} failed: {payload}"
@@ -89,23 +106,37 @@ def _run(world: int) -> dict:
     return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_matches_single_process(world):
-    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked;
-    fp32 under autocast to 1e-5."""
-    results = _run(world)
-    for case, (causal, with_docs, autocast) in enumerate(CASES):
-        dtype, tolerance = _dtype_and_tolerance(autocast)
+def _check_against_single_process(results: dict, world: int, impl: str, cases: list) -> None:
+    for case, (causal, with_docs, autocast) in enumerate(cases):
+        dtype, tolerance = _dtype_and_tolerance(autocast, impl)
         q, k, v, dout, docs = _inputs(with_docs, dtype)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        expected = fragment_attention(*full, causal=causal, fragment_size=5, doc_ids=docs)
+        expected = fragment_attention(
+            *full, causal=causal, fragment_size=5, doc_ids=docs, impl="torch"
+        )
         expected.backward(dout)
         reference = [expected.detach(), *(t.grad for t in full)]
         for rank in range(world):
             for got, want in zip(results[case, rank], reference, strict=True):
                 want_local = zigzag_split(want, rank, world, dim=2)
                 torch.testing.assert_close(got, want_local, rtol=0, atol=tolerance)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_single_process(world):
+    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked;
+    fp32 under autocast to 1e-5."""
+    _check_against_single_process(_run(world), world, "auto", CASES)
+
+
+@pytest.mark.slow
+def test_ring_on_the_triton_kernels():
+    """The same with the block routines on the Triton kernels (through the interpreter),
+    causal with documents and padding, fp32 against the tile loop, to 1e-5."""
+    pytest.importorskip("triton")
+    cases = [(True, True, False)]
+    _check_against_single_process(_run(2, "triton", cases), 2, "triton", cases)
 
 
 def test_zigzag_balances_causal_work():

@@ -360,6 +360,7 @@ def test_resume_never_runs_a_pickled_payload(tokenized, run_copy, tmp_path, run_
     marker = tmp_path / "pwned"
     state = ckpt.checkpoint_dir(run_copy) / ckpt.STATE_FILE
     torch.save({"step": 4, "payload": _Exploit(marker)}, state)
+    ckpt.write_manifest(state.parent, 4)  # re-signed: only the safe loader stands in the way
     config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
     assert_one_line_error(
         run_cli("train", "-c", config, "--resume"), "corrupt or unsafe", str(state)
@@ -371,9 +372,7 @@ def test_resume_with_corrupt_weights(tokenized, run_copy, tmp_path, run_cli):
     weights = ckpt.checkpoint_dir(run_copy) / ckpt.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
-    assert_one_line_error(
-        run_cli("train", "-c", config, "--resume"), "corrupt or incompatible", str(weights)
-    )
+    assert_one_line_error(run_cli("train", "-c", config, "--resume"), "is damaged", str(weights))
 
 
 def test_resume_with_another_model_shape(tokenized, run_copy, tmp_path, run_cli):

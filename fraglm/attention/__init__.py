@@ -45,18 +45,21 @@ def attention(
     fragment_size: int = 128,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D) with the chosen backend.
 
     All backends share one meaning: ``Hkv`` divides ``H``, queries are the last
     ``Tq <= Tk`` positions, ``doc_ids`` (B, Tk) keeps attention inside each
     document (negative ids are padding that sees and is seen by nothing), rows
-    with no visible key return 0. ``fragment_size`` only affects ``fragment``.
+    with no visible key return 0. ``fragment_size`` and ``impl`` (``auto`` | ``triton`` |
+    ``torch``, see :func:`fragment_attention`) only affect ``fragment``.
     """
     if backend == "fragment":
         return fragment_attention(
-            q, k, v, causal=causal, fragment_size=fragment_size, doc_ids=doc_ids, scale=scale
-        )
+            q, k, v, causal=causal, fragment_size=fragment_size, doc_ids=doc_ids, scale=scale,
+            impl=impl,
+        )  # fmt: skip
     if backend == "sdpa":
         return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     if backend == "naive":

@@ -26,11 +26,15 @@ How it runs (and why):
   ``(B, H, T, D)`` to ``(B * Hkv, T * group, D)`` (row ``t * group + g``), so a
   query fragment of all heads of a group is one contiguous matmul operand and
   ``dK``/``dV`` sums over the group fall out of the matmuls.
-* Tiles are planned before any arithmetic: causal tiles wholly in the future are
-  never computed, only tiles crossing the diagonal are masked, and with
-  document ids a tile is skipped when the id ranges of its query and key
-  fragments do not overlap and left unmasked when both hold one and the same
-  document.
+* Tiles are planned before any arithmetic, once per shape: causal tiles wholly in
+  the future are never computed and only tiles crossing the diagonal are masked.
+  With document ids in host memory (CPU) a tile is skipped when the id ranges of
+  its query and key fragments do not overlap and left unmasked when both hold one
+  and the same document; on an accelerator reading the ids would make the host
+  wait in every layer, so there every causal tile is masked on the device.
+* This module is the tile loop (``impl="torch"``), for every device. On CUDA GPUs
+  that Triton supports, ``impl="auto"`` runs the same algorithm as fused kernels
+  (:mod:`fraglm.attention.triton_kernels`) through the same block routines.
 * Statistics and accumulators are fp32 for fp16/bf16 inputs (fp64 for fp64);
   the public function returns the input dtype. The block routines run with
   autocast off: under an fp16/bf16 autocast region (mixed-precision training)
@@ -58,7 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fraglm.attention.documents import fragment_doc_ranges
 from fraglm.attention.reference import sdpa_attention
+from fraglm.attention.triton_op import block_size, resolve_impl
 
 __all__ = [
     "FragmentAttention",
@@ -106,18 +112,45 @@ def softmax_delta(dout: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
     return (dout.to(dtype) * out.to(dtype)).sum(-1)
 
 
-def _fragment_doc_ranges(doc: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per fragment and batch row: min and max non-padding doc id, and 'has padding'."""
-    batch, length = doc.shape
-    n = -(-length // size)
-    padded = doc.new_full((batch, n * size), -1)
-    padded[:, :length] = doc
-    padded = padded.view(batch, n, size)
-    pad = padded < 0
-    big = torch.iinfo(padded.dtype).max
-    lo = padded.masked_fill(pad, big).amin(-1)
-    hi = padded.masked_fill(pad, -1).amax(-1)
-    return lo, hi, pad.any(-1)
+def _reads_on_host(device: torch.device) -> bool:
+    """Whether document ids on ``device`` can steer the tile plan: in host memory reading
+    them costs nothing; on an accelerator it would make the host wait for the device in
+    every layer, so there the plan keeps every causal tile and masks documents on the
+    device."""
+    return device.type == "cpu"
+
+
+_PLANS: dict[tuple[int, int, int, bool, int, int, bool], tuple[_Tile, ...]] = {}
+
+
+def _shape_plan(
+    n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
+) -> tuple[_Tile, ...]:
+    """The tiles a shape needs, built once per shape (a plain dict, which torch.compile
+    traces without a warning): causal tiles wholly in the future are left out; with
+    ``docs`` every tile carries the document mask."""
+    key = (n_q, n_k, size, causal, q_start, k_start, docs)
+    if key not in _PLANS:
+        if len(_PLANS) >= 1024:  # decoding with a cache meets a new key length each step
+            _PLANS.clear()
+        _PLANS[key] = _build_plan(*key)
+    return _PLANS[key]
+
+
+def _build_plan(
+    n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
+) -> tuple[_Tile, ...]:
+    n_qf, n_kf = -(-n_q // size), -(-n_k // size)
+    tiles = []
+    for i in range(n_qf):
+        first_q = q_start + i * size
+        last_q = q_start + min((i + 1) * size, n_q) - 1
+        # Key fragments starting after the last query of this fragment are all in the future.
+        stop = min(n_kf, max(0, -(-(last_q - k_start + 1) // size))) if causal else n_kf
+        for j in range(stop):
+            last_k = k_start + min((j + 1) * size, n_k) - 1
+            tiles.append(_Tile(i, j, causal and last_k > first_q, docs))
+    return tuple(tiles)
 
 
 def _plan(
@@ -130,33 +163,25 @@ def _plan(
     k_start: int,
     q_doc: Tensor | None,
     k_doc: Tensor | None,
-) -> list[_Tile]:
-    """List the tiles with at least one possibly visible pair, in query-major order."""
-    n_qf, n_kf = -(-n_q // size), -(-n_k // size)
-    meet = same = None
-    if q_doc is not None and k_doc is not None:
-        q_lo, q_hi, q_pad = _fragment_doc_ranges(q_doc, size)
-        k_lo, k_hi, k_pad = _fragment_doc_ranges(k_doc, size)
-        overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-        single_q = (q_lo == q_hi) & ~q_pad
-        single_k = (k_lo == k_hi) & ~k_pad
-        one_doc = (
-            single_q[:, :, None] & single_k[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
-        )
-        meet, same = overlap.any(0).tolist(), one_doc.all(0).tolist()
-    tiles = []
-    for i in range(n_qf):
-        first_q = q_start + i * size
-        last_q = q_start + min((i + 1) * size, n_q) - 1
-        # Key fragments starting after the last query of this fragment are all in the future.
-        stop = min(n_kf, max(0, -(-(last_q - k_start + 1) // size))) if causal else n_kf
-        for j in range(stop):
-            if meet is not None and not meet[i][j]:
-                continue
-            last_k = k_start + min((j + 1) * size, n_k) - 1
-            doc_mask = same is not None and not same[i][j]
-            tiles.append(_Tile(i, j, causal and last_k > first_q, doc_mask))
-    return tiles
+) -> tuple[_Tile, ...]:
+    """The tiles with at least one possibly visible pair, in query-major order.
+
+    With document ids in host memory, a tile is skipped when the id ranges of its query
+    and key fragments do not overlap and left unmasked when both hold one and the same
+    document; on other devices the ids are not read (see :func:`_reads_on_host`).
+    """
+    docs = q_doc is not None and k_doc is not None
+    tiles = _shape_plan(n_q, n_k, size, causal, q_start, k_start, docs)
+    if not docs or not _reads_on_host(q_doc.device):
+        return tiles
+    q_lo, q_hi, q_pure = fragment_doc_ranges(q_doc, size)
+    k_lo, k_hi, k_pure = fragment_doc_ranges(k_doc, size)
+    overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+    one_doc = q_pure[:, :, None] & k_pure[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
+    meet, same = overlap.any(0).tolist(), one_doc.all(0).tolist()
+    return tuple(
+        _Tile(t.qf, t.kf, t.causal_mask, not same[t.qf][t.kf]) for t in tiles if meet[t.qf][t.kf]
+    )
 
 
 class _Biases:
@@ -182,7 +207,9 @@ class _Biases:
     ) -> None:
         self.size, self.group, self.n_q, self.n_k = size, group, n_q, n_k
         self.q_start, self.k_start, self.dtype, self.device = q_start, k_start, dtype, device
-        self.q_doc = None if q_doc is None else q_doc.repeat_interleave(group, dim=1)
+        self.q_doc = None
+        if q_doc is not None:  # one row per query head of a group, as in the folded layout
+            self.q_doc = q_doc[:, :, None].expand(-1, -1, group).reshape(q_doc.shape[0], -1)
         self.k_doc = k_doc
         self._causal: dict[tuple[int, int, int], Tensor] = {}
 
@@ -196,7 +223,8 @@ class _Biases:
     def _causal_hidden(self, tile: _Tile) -> Tensor:
         """Causally hidden pairs of a tile, (rows * group, cols) bool."""
         offset, rows, cols = self._geometry(tile)
-        q_pos = torch.arange(rows, device=self.device).repeat_interleave(self.group) + offset
+        q_pos = torch.arange(offset, offset + rows, device=self.device)
+        q_pos = q_pos[:, None].expand(rows, self.group).reshape(-1)
         return torch.arange(cols, device=self.device) > q_pos[:, None]
 
     def _bias(self, hidden: Tensor) -> Tensor:
@@ -265,6 +293,7 @@ def fragment_forward(
     k_start: int = 0,
     q_doc: Tensor | None = None,
     k_doc: Tensor | None = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Attention of a query block over one key block: ``(out, lse)``, both in fp32 (fp64).
 
@@ -274,9 +303,15 @@ def fragment_forward(
     ids (negative = padding), both or neither. ``lse`` (B, H, Tq) is the natural
     log-sum-exp of the scaled visible scores, ``-inf`` (with ``out`` 0) for rows
     that see nothing, so results over disjoint key blocks combine with
-    :func:`merge`.
+    :func:`merge`. ``impl`` chooses the kernels as in :func:`fragment_attention`.
     """
     _check(q, k, v)
+    if resolve_impl(impl, q) == "triton":
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
+        return torch.ops.fraglm.fragment_fwd(
+            q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, True
+        )
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group, size = heads // kv_heads, fragment_size
@@ -358,6 +393,7 @@ def fragment_backward(
     k_start: int = 0,
     q_doc: Tensor | None = None,
     k_doc: Tensor | None = None,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient contributions ``(dq, dk, dv)`` of one query block over one key block.
 
@@ -368,6 +404,12 @@ def fragment_backward(
     ``dv`` are already summed over the query heads of each group.
     """
     _check(q, k, v)
+    if resolve_impl(impl, q) == "triton":
+        k, v, dout = k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype)
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
+        return torch.ops.fraglm.fragment_bwd(
+            q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, True
+        )
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group, size = heads // kv_heads, fragment_size
@@ -505,6 +547,7 @@ def fragment_attention(
     fragment_size: int = 128,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Exact attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D) in O(T) memory.
 
@@ -514,6 +557,12 @@ def fragment_attention(
     defaults to ``1 / sqrt(D)``. Returns (B, H, Tq, D) in the dtype of ``q``.
     Without gradients, a problem no larger than one tile (a decode step) is handed
     to SDPA in one fused call.
+
+    ``impl``: ``"triton"`` runs the fused Triton kernels
+    (:mod:`fraglm.attention.triton_kernels`, a ``torch.library`` custom op that
+    ``torch.compile`` captures), ``"torch"`` the tile loop of this module, ``"auto"``
+    Triton on CUDA GPUs Triton supports (compute capability 7.0+) and the tile loop
+    elsewhere (P100, CPU, MPS). See :func:`fraglm.attention.triton_op.resolve_impl`.
     """
     _check(q, k, v)
     if q.shape[2] > k.shape[2]:
@@ -524,9 +573,18 @@ def fragment_attention(
         raise ValueError(f"doc_ids must be (B, Tk) = {(k.shape[0], k.shape[2])}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    use_triton = resolve_impl(impl, q) == "triton"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not needs_grad and q.shape[2] * k.shape[2] <= fragment_size * fragment_size:
         # The whole score matrix is no larger than one tile (a KV-cached decode step):
         # streaming would only add overhead, so compute it in one fused call.
         return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    if use_triton:
+        q_doc, k_doc = _split_docs(doc_ids, q.shape[2])
+        block = block_size(fragment_size, q.shape[-1], q.dtype)
+        out, _ = torch.ops.fraglm.fragment_fwd(
+            q, k.to(q.dtype), v.to(q.dtype), q_doc, k_doc, causal, block, scale,
+            k.shape[2] - q.shape[2], 0, False,
+        )  # fmt: skip
+        return out
     return FragmentAttention.apply(q, k, v, causal, fragment_size, doc_ids, scale)

@@ -107,6 +107,7 @@ class _Options:
     causal: bool
     fragment_size: int
     scale: float
+    impl: str
 
 
 def _block_calls(
@@ -122,7 +123,7 @@ def _block_calls(
         yield qi, ki, {
             "k": k_halves[ki], "v": v_halves[ki], "k_doc": k_docs[ki],
             "q_start": qc * chunk, "k_start": kc * chunk, "scale": opts.scale,
-            "causal": opts.causal, "fragment_size": opts.fragment_size,
+            "causal": opts.causal, "fragment_size": opts.fragment_size, "impl": opts.impl,
         }  # fmt: skip
 
 
@@ -167,8 +168,9 @@ class RingAttention(torch.autograd.Function):
         causal: bool,
         fragment_size: int,
         scale: float,
+        impl: str,
     ) -> Tensor:
-        ring, opts = _Ring(group), _Options(causal, fragment_size, scale)
+        ring, opts = _Ring(group), _Options(causal, fragment_size, scale, impl)
         q_docs = _halves(doc_ids, 1)
         outs: list[Tensor | None] = [None, None]
         lses: list[Tensor | None] = [None, None]
@@ -214,7 +216,7 @@ class RingAttention(torch.autograd.Function):
             for transfer in transfers:
                 transfer.wait()
         dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 6
 
 
 def ring_attention(
@@ -227,6 +229,7 @@ def ring_attention(
     fragment_size: int = 128,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Exact attention over a sequence whose zigzag shares are spread over ``group``.
 
@@ -234,9 +237,10 @@ def ring_attention(
     :func:`zigzag_split`); ``doc_ids`` (B, 2C) likewise. Returns this rank's share of
     the output, equal to slicing the output of single-process
     :func:`~fraglm.attention.fragment.fragment_attention` on the whole sequence.
+    ``impl`` chooses the block routines' kernels (``auto`` | ``triton`` | ``torch``).
     """
     if q.shape[2] != k.shape[2] or q.shape[2] % 2:
         raise ValueError("ring attention needs equal, even-length local q and k/v shares")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return RingAttention.apply(q, k, v, doc_ids, group, causal, fragment_size, scale)
+    return RingAttention.apply(q, k, v, doc_ids, group, causal, fragment_size, scale, impl)

@@ -1,0 +1,188 @@
+"""FragmentStream's Triton kernels as PyTorch custom ops, and the choice of implementation.
+
+``torch.ops.fraglm.fragment_fwd``, ``fragment_delta`` and ``fragment_bwd`` wrap the
+launchers of :mod:`fraglm.attention.triton_kernels` with fake (meta) implementations, and
+``fragment_fwd`` carries its own autograd formula, so ``torch.compile`` traces a model
+that calls them in one graph (the ops are opaque nodes) and CUDA graphs can capture them.
+Triton itself is imported on the first call, so fraglm runs without it (CPU, MPS, P100).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from fraglm.errors import FraglmError
+
+__all__ = ["IMPLS", "block_size", "resolve_impl"]
+
+IMPLS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+
+# Looked up once, without importing triton (which costs seconds and is not needed on CPU).
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def kernels() -> ModuleType:
+    """The kernel module (imports triton); a one-line error where triton is missing."""
+    if not HAS_TRITON:
+        raise FraglmError("impl='triton' needs triton: pip install 'fraglm[gpu]'")
+    from fraglm.attention import triton_kernels
+
+    return triton_kernels
+
+
+@torch.compiler.assume_constant_result
+def _gpu_supported(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
+    """A CUDA GPU Triton compiles for: capability 7.0+, and 8.0+ for bf16 operands."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (
+        (8, 0) if dtype == torch.bfloat16 else (7, 0)
+    )
+
+
+def resolve_impl(impl: str, q: Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for attention on ``q``'s device and dtype.
+
+    ``auto`` takes Triton on CUDA GPUs it supports (compute capability 7.0 and up) for
+    fp32/fp16/bf16 and head dims up to 128, the torch tile loop elsewhere (P100, CPU,
+    MPS, fp64). ``triton`` on CPU tensors runs Triton's interpreter, which must have been
+    switched on with ``TRITON_INTERPRET=1`` before fraglm loaded its kernels.
+    """
+    if impl not in IMPLS:
+        raise FraglmError(f"unknown fragment attention impl {impl!r}; choose one of {IMPLS}")
+    fits = q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+    if impl == "torch" or (impl == "auto" and not (fits and _gpu_supported(q.device, q.dtype))):
+        return "torch"
+    if impl == "auto":
+        return "triton" if HAS_TRITON else "torch"
+    if not fits:
+        raise FraglmError(
+            f"impl='triton' takes fp32/fp16/bf16 with head dim <= {MAX_HEAD_DIM}, "
+            f"got {q.dtype} with head dim {q.shape[-1]}"
+        )
+    module = kernels()
+    if q.device.type == "cpu" and not module.INTERPRETED:
+        raise FraglmError(
+            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+            "before fraglm loads its kernels (or a CUDA GPU); use impl='auto' or 'torch'"
+        )
+    if q.device.type not in ("cpu", "cuda") or (
+        q.device.type == "cuda" and not _gpu_supported(q.device, q.dtype)
+    ):
+        raise FraglmError(
+            f"impl='triton' needs a CUDA GPU of compute capability 7.0 or newer (8.0 for "
+            f"bf16), got {q.device} with {q.dtype}"
+        )
+    return "triton"
+
+
+def block_size(fragment_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The kernels' square tile: the fragment rounded down to a power of two in 16..128
+    (at most 64 for fp32 or head dims above 64, so that a tile's operands fit in shared
+    memory). The tile size changes speed only, never results."""
+    top = 128 if head_dim <= 64 and dtype.itemsize == 2 else 64
+    size = 1 << max(0, fragment_size.bit_length() - 1)
+    return max(16, min(size, top))
+
+
+def _grad_dtype(fp32: bool) -> torch.dtype | None:
+    return torch.float32 if fp32 else None
+
+
+@torch.library.custom_op("fraglm::fragment_fwd", mutates_args=())
+def fragment_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_doc: Tensor | None,
+    k_doc: Tensor | None,
+    causal: bool,
+    block: int,
+    scale: float,
+    q_start: int,
+    k_start: int,
+    fp32_out: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)``: out in fp32 when ``fp32_out`` (block routines), else q's dtype."""
+    return kernels().forward(
+        q, k, v, q_doc, k_doc, causal=causal, block=block, scale=scale, q_start=q_start,
+        k_start=k_start, out_dtype=torch.float32 if fp32_out else q.dtype,
+    )  # fmt: skip
+
+
+@fragment_fwd.register_fake
+def _(q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32_out):
+    # contiguous, as the kernels write them (empty_like would copy a transposed q's strides)
+    out = q.new_empty(q.shape, dtype=torch.float32 if fp32_out else q.dtype)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fraglm::fragment_delta", mutates_args=())
+def fragment_delta(out: Tensor, dout: Tensor) -> Tensor:
+    """``rowsum(dout * out)`` in fp32."""
+    return kernels().softmax_delta(out, dout)
+
+
+@fragment_delta.register_fake
+def _(out, dout):
+    return out.new_empty(out.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fraglm::fragment_bwd", mutates_args=())
+def fragment_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    q_doc: Tensor | None,
+    k_doc: Tensor | None,
+    causal: bool,
+    block: int,
+    scale: float,
+    q_start: int,
+    k_start: int,
+    fp32_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``, in fp32 when ``fp32_grads`` (block routines), else the inputs'."""
+    return kernels().backward(
+        q, k, v, dout, lse, delta, q_doc, k_doc, causal=causal, block=block, scale=scale,
+        q_start=q_start, k_start=k_start, grad_dtype=_grad_dtype(fp32_grads),
+    )  # fmt: skip
+
+
+@fragment_bwd.register_fake
+def _(q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32):
+    dtype = _grad_dtype(fp32)
+    return tuple(t.new_empty(t.shape, dtype=dtype or t.dtype) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_doc, k_doc, out, lse)
+    ctx.options = (causal, block, scale, q_start, k_start)
+
+
+def _backward(ctx, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The lse output is differentiable too: its gradient enters as ``D - dLSE``."""
+    q, k, v, q_doc, k_doc, out, lse = ctx.saved_tensors
+    causal, block, scale, q_start, k_start = ctx.options
+    delta = torch.ops.fraglm.fragment_delta(out, dout)
+    if dlse is not None:
+        delta = delta - dlse
+    dq, dk, dv = torch.ops.fraglm.fragment_bwd(
+        q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, False
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+fragment_fwd.register_autograd(_backward, setup_context=_setup_context)
