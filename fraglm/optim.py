@@ -11,11 +11,13 @@ Muon's update has AdamW's RMS, so both share ``train.lr``, its schedule and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fraglm.config import TrainConfig
+from fraglm.errors import FraglmError
 
 
 class OptimizerSet:
@@ -49,6 +51,23 @@ class OptimizerSet:
             raise ValueError(f"{len(saved)} optimizer states for {len(self.optimizers)}")
         for opt, opt_state in zip(self.optimizers, saved, strict=True):
             opt.load_state_dict(opt_state)
+
+
+def optimizer_parts(
+    optimizer: torch.optim.Optimizer | OptimizerSet, saved: dict[str, Any], path: Path
+) -> list[tuple[torch.optim.Optimizer, dict[str, Any]]]:
+    """Each torch optimizer of ``optimizer`` with its part of the saved state ``saved``
+    (read from ``path``), for checks before loading; a state saved with another
+    ``train.optimizer`` is a one-line error."""
+    parts = saved.get("optimizers") if isinstance(saved, dict) else None
+    optimizers = optimizer.optimizers if isinstance(optimizer, OptimizerSet) else (optimizer,)
+    if isinstance(optimizer, OptimizerSet) != (parts is not None) or len(parts or [saved]) != len(
+        optimizers
+    ):
+        raise FraglmError(
+            f"checkpoint state {path} was saved with another train.optimizer than the config's"
+        )
+    return list(zip(optimizers, parts or [saved], strict=True))
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -33,7 +33,7 @@ from fraglm.distributed import DistEnv, all_reduce_sum, any_rank, barrier, setup
 from fraglm.errors import FraglmError
 from fraglm.evaluation import bits_per_byte, evaluate, token_loss_sum
 from fraglm.model import Transformer
-from fraglm.optim import build_optimizer
+from fraglm.optim import build_optimizer, optimizer_parts
 from fraglm.parent import parent_run
 from fraglm.tokenizer import load_tokenizer, special_ids, token_byte_lengths, vocab_size
 from fraglm.tracking import Tracker
@@ -203,7 +203,8 @@ class Trainer:
         path = self.resume_dir
         ckpt.load_weights(self.model, path)
         state = ckpt.load_state(path)
-        ckpt.check_optimizer_state(state["optimizer"], self.optimizer, path / ckpt.STATE_FILE)
+        for optimizer, saved in optimizer_parts(self.optimizer, state["optimizer"], path):
+            ckpt.check_optimizer_state(saved, optimizer, path / ckpt.STATE_FILE)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])

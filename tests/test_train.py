@@ -232,6 +232,14 @@ def test_resume_through_the_cli(tokenized, tmp_path, run_cli):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_resume_with_another_optimizer(tokenized, run_copy, tmp_path, run_cli):
+    config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
+    assert_one_line_error(
+        run_cli("train", "-c", config, "--resume", *set_args("train.optimizer=muon")),
+        "was saved with another train.optimizer than the config's",
+    )
+
+
 # early stopping
 
 
