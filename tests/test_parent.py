@@ -86,7 +86,8 @@ def test_init_from_refuses_another_shape_or_tokenizer(
     result = run_cli(*child_args(tmp_path, qa_jsonl, override), "--init-from", parent)
     result.assert_user_error(f"cannot initialise from {parent}: {message}")
     assert result.stderr.strip() == result.error
-    assert not (tmp_path / "child").exists()
+    assert not (tmp_path / "child" / ckpt.CONFIG_FILE).exists()  # nothing of a run written
+    assert not (tmp_path / "tokenized-child").exists()
 
 
 def test_init_from_input_errors(parent, tmp_path, qa_jsonl, run_cli):
