@@ -98,6 +98,14 @@ class WindowSampler:
         rows = starts[:, None] + np.arange(1, self.context_length + 1)
         return int(self.target_mask[rows].sum())
 
+    def counted_target_bytes(self, starts: np.ndarray, token_bytes: np.ndarray) -> int:
+        """UTF-8 bytes of the text that the counted targets at ``starts`` decode to."""
+        rows = starts[:, None] + np.arange(1, self.context_length + 1)
+        lengths = token_bytes[self.tokens[rows]]
+        if self.target_mask is not None:
+            lengths = lengths * self.target_mask[rows]
+        return int(lengths.sum())
+
     def eval_starts(self, n_windows: int) -> np.ndarray:
         """Evenly spread, fixed windows: the same evaluation set every time."""
         return np.linspace(0, self.max_start, num=n_windows).astype(np.int64)

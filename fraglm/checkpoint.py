@@ -383,13 +383,19 @@ def _check_state(state: Any, path: Path, step: int) -> None:
         or (isinstance(best, float | int) and not isinstance(best, bool) and math.isfinite(best)),
         "'best_val' is not a finite number",
     )
-    optimizer = state["optimizer"]
+    # one optimizer's state, or several (train.optimizer=muon: Muon and AdamW)
+    parts = state["optimizer"].get("optimizers", [state["optimizer"]])
     expect(
-        isinstance(optimizer.get("state"), dict)
-        and isinstance(optimizer.get("param_groups"), list)
+        isinstance(parts, list)
         and all(
-            isinstance(g, dict) and isinstance(g.get("params"), list)
-            for g in optimizer["param_groups"]
+            isinstance(part, dict)
+            and isinstance(part.get("state"), dict)
+            and isinstance(part.get("param_groups"), list)
+            and all(
+                isinstance(g, dict) and isinstance(g.get("params"), list)
+                for g in part["param_groups"]
+            )
+            for part in parts
         ),
         "'optimizer' is not an optimizer state",
     )

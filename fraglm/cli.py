@@ -73,6 +73,14 @@ def train(
             help="Stop after this many steps in this run (checkpointed; continue with --resume).",
         ),
     ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start a new run from this run's best weights and tokenizer (same model "
+            "shape); sets train.init_from.",
+        ),
+    ] = None,
     resume_from: Annotated[
         str | None,
         typer.Option(
@@ -90,7 +98,13 @@ def train(
     from fraglm.device import resolve_device
     from fraglm.train import train as run_train
 
-    cfg = _load(config, set_)
+    if init_from is not None and (resume or resume_from is not None):
+        raise FraglmError("--init-from starts a new run; --resume continues one: give one")
+    overrides = [
+        *(set_ or []),
+        *([f"train.init_from={json.dumps(init_from)}"] if init_from else []),
+    ]
+    cfg = _load(config, overrides)
     if _own_process and resolve_device(cfg.train.device).type == "cpu":
         from fraglm.allocator import keep_freed_memory
 
@@ -99,7 +113,12 @@ def train(
         cfg, resume=resume, max_new_steps=steps, resume_from=resume_from, overwrite=overwrite
     )
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    if math.isnan(result.final_train_loss):
+    if math.isnan(result.final_train_loss) and result.stopped_early:
+        typer.echo(
+            f"nothing to do: the run stopped early at step {result.steps} "
+            "(raise train.early_stopping_patience, or set it to 0, to train on)"
+        )
+    elif math.isnan(result.final_train_loss):
         typer.echo(f"nothing to do: the run is already at step {result.steps} (train.max_steps)")
     else:
         typer.echo(
@@ -279,13 +298,13 @@ def eval_(
     checkpoint: CheckpointOption = "best",
     device: DeviceOption = "auto",
 ) -> None:
-    """Validation loss, perplexity and token count of a trained run."""
+    """Validation loss, perplexity, bits per byte and token count of a trained run."""
     from fraglm.evaluation import evaluate_run
 
     result = evaluate_run(run, data=data, which=_checkpoint_choice(checkpoint), device=device)
     typer.echo(
         f"{result.source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-        f"{result.tokens:,} tokens"
+        f"{result.bits_per_byte:.4f} bits per byte, {result.tokens:,} tokens"
     )
 
 

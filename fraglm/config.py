@@ -104,6 +104,19 @@ class ModelConfig:
     )
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)
+    qk_norm: bool = _opt(
+        False,
+        "RMSNorm over each query and key head before RoPE (modern arch; one gain shared by "
+        "queries and keys). Llama cannot express it: such runs do not export to Hugging Face.",
+    )
+    tie_embeddings: bool = _opt(
+        True, "Output head shares the input embedding's weights (modern arch; seed is untied)."
+    )
+    zero_init_out: bool = _opt(
+        False,
+        "Initialise each block's output projections (attention out, MLP down) to zero, so "
+        "every block starts as the identity.",
+    )
 
 
 @dataclass
@@ -123,9 +136,24 @@ class TrainConfig:
     grad_accum: int = _opt(1, "Micro-batches per optimizer step (batch_size must divide).", ge=1)
     max_steps: int = _opt(2000, "Optimizer steps.", ge=1)
     lr: float = _opt(3e-3, "Peak learning rate.", gt=0)
-    min_lr_ratio: float = _opt(0.1, "Cosine floor as a fraction of the peak lr.", ge=0, le=1)
+    min_lr_ratio: float = _opt(
+        0.1, "Final lr (cosine or wsd floor) as a fraction of the peak lr.", ge=0, le=1
+    )
     warmup_steps: int = _opt(100, "Linear warmup steps.", ge=0)
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only).", ge=0)
+    optimizer: Literal["adamw", "muon"] = _opt(
+        "adamw",
+        "adamw: AdamW for every parameter. muon: torch.optim.Muon for the blocks' matrices "
+        "(lr matched to AdamW's update size), AdamW for embeddings, head and gains.",
+    )
+    schedule: Literal["cosine", "wsd"] = _opt(
+        "cosine",
+        "After warmup: cosine decay to the floor, or wsd (warmup-stable-decay: constant lr, "
+        "then a linear decay to the floor over the last train.decay_fraction of the steps).",
+    )
+    decay_fraction: float = _opt(
+        0.2, "Fraction of train.max_steps over which wsd decays the lr.", gt=0, le=1
+    )
     beta1: float = _opt(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = _opt(0.95, "AdamW beta2.", ge=0, lt=1)
     grad_clip: float = _opt(1.0, "Gradient norm clip (0 disables).", ge=0)
@@ -137,12 +165,23 @@ class TrainConfig:
     )
     eval_interval: int = _opt(200, "Steps between validation evaluations.", ge=1)
     eval_batches: int = _opt(20, "Validation batches per evaluation.", ge=1)
+    early_stopping_patience: int = _opt(
+        0,
+        "Stop when this many evaluations in a row have not lowered the best validation loss; "
+        "the best checkpoint is kept (0: never stop early).",
+        ge=0,
+    )
     save_interval: int = _opt(200, "Steps between checkpoints.", ge=1)
     doc_mask: bool = _opt(
         False, "Mask attention across <|END|> document boundaries in packed windows."
     )
     loss_on: Literal["all", "answer"] = _opt(
         "all", "Tokens that count in the loss: all, or only answer tokens (Q&A fine-tuning)."
+    )
+    init_from: str | None = _opt(
+        None,
+        "Run directory whose best weights start this run (same model shape); its tokenizer "
+        "encodes the corpus. `fraglm train --init-from RUN` sets it.",
     )
     context_parallel: int = _opt(
         1, "Ranks that share one sequence with ring attention (under torchrun).", ge=1

@@ -205,8 +205,11 @@ def split_documents(
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def corpus_fingerprint(cfg: Config, ds: datasets.Dataset | None = None) -> str:
-    """Hash of the corpus content and every setting that shapes the token shards."""
+def corpus_fingerprint(
+    cfg: Config, ds: datasets.Dataset | None = None, tokenizer: Tokenizer | None = None
+) -> str:
+    """Hash of the corpus content and every setting that shapes the token shards (and of
+    the given tokenizer, when the shards are encoded with one instead of a new one)."""
     h = hashlib.sha256()
     settings = {
         "format": FORMAT_VERSION,
@@ -216,6 +219,8 @@ def corpus_fingerprint(cfg: Config, ds: datasets.Dataset | None = None) -> str:
         "tokenizer": asdict(cfg.tokenizer),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
+    if tokenizer is not None:
+        h.update(tokenizer.to_str().encode())
     if _is_local(cfg.data.path):
         path = Path(cfg.data.path)
         if not path.is_file():
@@ -276,23 +281,28 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def tokenize(cfg: Config, *, progress: bool = True) -> TokenizeSummary:
-    """Train the tokenizer and write the token shards; see the module docstring. One
-    process at a time per ``data.tokenized_dir`` (a lock beside it)."""
+def tokenize(
+    cfg: Config, *, progress: bool = True, tokenizer: Tokenizer | None = None
+) -> TokenizeSummary:
+    """Train the tokenizer (or use ``tokenizer``: a run initialised from another run's
+    weights keeps its vocabulary) and write the token shards; see the module docstring.
+    One process at a time per ``data.tokenized_dir`` (a lock beside it)."""
     with lock_sibling(Path(cfg.data.tokenized_dir), "tokenized data"):
-        return _tokenize(cfg, progress=progress)
+        return _tokenize(cfg, progress=progress, tokenizer=tokenizer)
 
 
-def _tokenize(cfg: Config, *, progress: bool) -> TokenizeSummary:
+def _tokenize(cfg: Config, *, progress: bool, tokenizer: Tokenizer | None) -> TokenizeSummary:
     start = time.perf_counter()
     ds = load_records(cfg.data)
     documents = make_documents(ds, cfg.data)
     characters = sum(len(d) for d in documents)
     train_idx, val_idx = split_documents(len(documents), cfg.data.val_fraction, cfg.data.split_seed)
     train_docs = [documents[i] for i in train_idx]
-    tokenizer = train_tokenizer(
-        train_docs, cfg.tokenizer, length=len(train_docs), progress=progress
-    )
+    given = tokenizer
+    if tokenizer is None:
+        tokenizer = train_tokenizer(
+            train_docs, cfg.tokenizer, length=len(train_docs), progress=progress
+        )
     encoded = _encode(documents, tokenizer, cfg.data.num_proc)
     n_vocab = vocab_size(tokenizer)
     dtype = _token_dtype(n_vocab)
@@ -318,7 +328,7 @@ def _tokenize(cfg: Config, *, progress: bool) -> TokenizeSummary:
             seconds=time.perf_counter() - start,
         )
         meta = {
-            "fingerprint": corpus_fingerprint(cfg, ds),
+            "fingerprint": corpus_fingerprint(cfg, ds, given),
             "corpus": cfg.data.path,
             "documents": {"train": len(train_idx), "val": len(val_idx)},
             "tokens": counts,
@@ -346,20 +356,25 @@ def read_meta(tokenized_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def is_up_to_date(cfg: Config) -> bool:
-    """True when the token shards exist and were made from this corpus with these settings."""
+def is_up_to_date(cfg: Config, tokenizer: Tokenizer | None = None) -> bool:
+    """True when the token shards exist and were made from this corpus with these settings
+    (and with ``tokenizer``, when given)."""
     root = Path(cfg.data.tokenized_dir)
     meta = read_meta(root)
     if meta is None or not all(
         (root / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin")
     ):
         return False
-    return meta.get("fingerprint") == corpus_fingerprint(cfg)
+    return meta.get("fingerprint") == corpus_fingerprint(cfg, tokenizer=tokenizer)
 
 
-def ensure_tokenized(cfg: Config, *, progress: bool = True) -> TokenizeSummary | None:
+def ensure_tokenized(
+    cfg: Config, *, progress: bool = True, tokenizer: Tokenizer | None = None
+) -> TokenizeSummary | None:
     """Run ``tokenize`` when the shards are missing or stale; None when they were current."""
-    return None if is_up_to_date(cfg) else tokenize(cfg, progress=progress)
+    if is_up_to_date(cfg, tokenizer):
+        return None
+    return tokenize(cfg, progress=progress, tokenizer=tokenizer)
 
 
 def load_tokens(tokenized_dir: str | Path, split: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from fraglm.data import TOKENIZER_FILE, load_records, load_tokens, make_document
 from fraglm.device import Precision, resolve_precision
 from fraglm.errors import FraglmError
 from fraglm.run import LoadedRun, load_run
-from fraglm.tokenizer import special_ids
+from fraglm.tokenizer import special_ids, token_byte_lengths
 
 
 def token_loss_sum(
@@ -57,11 +57,21 @@ def evaluate(
     return total / max(count, 1), count
 
 
+def bits_per_byte(mean_loss: float, tokens: int, n_bytes: int) -> float:
+    """Summed nats over the targets / (ln 2 x the UTF-8 bytes of the text they decode to).
+
+    Unlike loss per token, it does not depend on the tokenizer: models with different
+    vocabularies (or other projects' models) compare on the same text.
+    """
+    return mean_loss * tokens / (math.log(2) * max(n_bytes, 1))
+
+
 @dataclass
 class EvalResult:
     loss: float
     tokens: int
     source: str
+    bits_per_byte: float
 
     @property
     def perplexity(self) -> float:
@@ -71,8 +81,9 @@ class EvalResult:
 def evaluate_run(
     run: str | Path | None, *, data: str | None = None, which: str = "best", device: str = "auto"
 ) -> EvalResult:
-    """Validation loss of a run: on its own validation split (the same windows the trainer
-    evaluates), or on every window of another corpus file encoded with the run's tokenizer."""
+    """Validation loss and bits per byte of a run: on its own validation split (the same
+    windows the trainer evaluates), or on every window of another corpus file encoded with
+    the run's tokenizer."""
     loaded = load_run(run, which=which, device=device)
     cfg, context = loaded.cfg, loaded.cfg.model.context_length
     ids = special_ids(loaded.tokenizer)
@@ -106,7 +117,8 @@ def evaluate_run(
         precision=precision,
         device=loaded.device,
     )
-    return EvalResult(loss, count, source)
+    n_bytes = sampler.counted_target_bytes(starts, token_byte_lengths(loaded.tokenizer))
+    return EvalResult(loss, count, source, bits_per_byte(loss, count, n_bytes))
 
 
 def _check_split_belongs_to(loaded: LoadedRun) -> None:

@@ -44,7 +44,7 @@ def llama_config(
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": m.tie_embeddings,
         "bos_token_id": None,
         "eos_token_id": end_id,
         "pad_token_id": pad_id,
@@ -53,7 +53,7 @@ def llama_config(
 
 
 def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """fraglm weights under Llama's names (the tied output head is not stored twice)."""
+    """fraglm weights under Llama's names (a tied output head is not stored twice)."""
     m = model.cfg
     head_dim = m.d_model // m.n_heads
     q_size, kv_size = m.n_heads * head_dim, kv_heads(m) * head_dim
@@ -61,6 +61,8 @@ def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         "model.embed_tokens.weight": model.embed.weight,
         "model.norm.weight": model.norm.weight,
     }
+    if not m.tie_embeddings:
+        state["lm_head.weight"] = model.head.weight
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.split([q_size, kv_size, kv_size])
@@ -85,7 +87,7 @@ def to_hf_llama(model: Transformer) -> Any:
 
     hf = LlamaForCausalLM(LlamaConfig(**llama_config(model.cfg, model.vocab_size)))
     missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
         raise RuntimeError(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     return hf.to(next(model.parameters()).device).eval()
@@ -99,6 +101,11 @@ def load_llama_run(run: str | Path | None, *, which: str, target: str) -> Loaded
         raise FraglmError(
             f"export to {target} supports model.arch = 'modern' (Llama layout); "
             f"{loaded.run_dir} uses '{loaded.cfg.model.arch}' (learned positions, LayerNorm, GELU)"
+        )
+    if loaded.cfg.model.qk_norm:
+        raise FraglmError(
+            f"export to {target} cannot express model.qk_norm (Llama has no norm on queries "
+            f"and keys); {loaded.run_dir} was trained with it"
         )
     return loaded
 

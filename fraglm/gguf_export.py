@@ -4,9 +4,9 @@ The file is written with the ``gguf`` package (llama.cpp's own writer), not with
 llama.cpp's converter, which refuses BPE tokenizers it does not know by hash. It holds:
 
 - ``llama`` metadata: context, widths, heads, kv heads, RoPE dimension and base, RMS eps;
-- the weights under llama.cpp's names (from :func:`fraglm.export.llama_state_dict`), with
-  no ``output.weight``: llama.cpp and transformers then use the token embedding as the
-  output head, which is our tied head;
+- the weights under llama.cpp's names (from :func:`fraglm.export.llama_state_dict`); a
+  tied head has no ``output.weight`` (llama.cpp and transformers then use the token
+  embedding as the output head), an untied one (``model.tie_embeddings: false``) has;
 - query and key rows reordered for llama.cpp's RoPE (see :func:`interleave_rope_rows`);
 - the tokenizer as a ``gpt2`` (byte-level BPE) model with pre-tokenizer ``gpt-2``, whose
   split regex is the one of our ``ByteLevel`` pre-tokenizer; vocabulary, merges, the
@@ -72,6 +72,9 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             continue
         if name == "model.norm.weight":
             tensors[names[kinds.OUTPUT_NORM] + ".weight"] = tensor
+            continue
+        if name == "lm_head.weight":
+            tensors[names[kinds.OUTPUT] + ".weight"] = tensor
             continue
         layer, part = name.removeprefix("model.layers.").split(".", 1)
         kind = _LAYER_TENSORS[part.removesuffix(".weight")]

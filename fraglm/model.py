@@ -166,6 +166,7 @@ class Attention(nn.Module):
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.qk_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def project(
@@ -175,6 +176,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         sizes = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         heads = self.qkv(x).view(b, t, sum(sizes), self.head_dim)
+        if self.qk_norm is not None:
+            qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+            heads = torch.cat((self.qk_norm(qk), v), dim=2)
         if rope is not None:
             cos, sin = rope[0][:, None], rope[1][:, None]
             # without a backward to serve, the plain function (no autograd.Function call)
@@ -362,10 +366,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = _norm(cfg)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=cfg.arch == "seed")
-        if cfg.arch == "modern":
+        if cfg.arch == "modern" and cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        residual_std = 0.0 if cfg.zero_init_out else 0.02 / math.sqrt(2 * cfg.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)

@@ -28,7 +28,8 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 
 def plot_runs(runs: list[str | None], out: Path) -> Path:
-    """Loss, validation perplexity and learning rate against tokens seen, one colour a run."""
+    """Loss, validation perplexity, validation bits per byte and learning rate against tokens
+    seen, one colour a run (runs logged before bits per byte existed leave that panel out)."""
     plt = pyplot()
     curves = []
     for run in runs:
@@ -37,17 +38,19 @@ def plot_runs(runs: list[str | None], out: Path) -> Path:
         if not records:
             raise FraglmError(f"{run_dir} has no metrics yet ({run_dir}/metrics.jsonl)")
         curves.append((run_dir.name, records))
-    fig, (loss_ax, ppl_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (loss_ax, ppl_ax, bpb_ax, lr_ax) = plt.subplots(1, 4, figsize=(20, 4.2))
     for index, (name, records) in enumerate(curves):
         color = f"C{index}"
         loss_ax.plot(*_series(records, "train_loss"), color=color, alpha=0.8, label=f"{name} train")
         tokens, val = _series(records, "val_loss")
         loss_ax.plot(tokens, val, "o--", color=color, label=f"{name} val")
         ppl_ax.plot(tokens, [math.exp(min(v, 50.0)) for v in val], "o-", color=color, label=name)
+        bpb_ax.plot(*_series(records, "val_bpb"), "o-", color=color, label=name)
         lr_ax.plot(*_series(records, "lr"), color=color, label=name)
     for ax, title in (
         (loss_ax, "loss"),
         (ppl_ax, "validation perplexity"),
+        (bpb_ax, "validation bits per byte"),
         (lr_ax, "learning rate"),
     ):
         ax.set_title(title)

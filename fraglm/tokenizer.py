@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
@@ -65,6 +66,21 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 def vocab_size(tokenizer: Tokenizer) -> int:
     return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for in the text (int64, one entry per id).
+
+    A byte-level BPE token is spelled in an alphabet of one character per byte, so its
+    length is its byte count, even where it holds part of a multi-byte character (which
+    decoding one token alone could not show). A special token stands for its own text
+    ``<|END|>``, as the template writes it into the document.
+    """
+    lengths = np.zeros(vocab_size(tokenizer), dtype=np.int64)
+    special = set(SPECIAL_TOKENS)
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        lengths[index] = len(token.encode("utf-8")) if token in special else len(token)
+    return lengths
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:

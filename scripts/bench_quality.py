@@ -1,11 +1,18 @@
-"""Quality at equal budget: the modern default vs the original ("seed") architecture.
+"""Quality at equal tokens: variants of a config trained on the same corpus and batches.
 
-Trains configs/p100.yaml and configs/seed.yaml on the same corpus, tokenizer and token
-budget on the current device, then prints the validation losses and one sample answer
-from each. Example (MedQuAD, about 20 minutes per model on a 2-core CPU)::
+Every variant trains on the same tokenizer, corpus, batches and token budget on the
+current device; the table gives each one's validation loss and bits per byte (best and
+last evaluation) and wall time. A variant is ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE``
+with config overrides (``config=PATH`` picks another base config); ``--llama`` variants
+train transformers' ``LlamaForCausalLM`` of the config's model shape in the same trainer,
+with the same optimizer, schedule and batches. Without variants: configs/p100.yaml
+against configs/seed.yaml (the original architecture). Examples::
 
-    python scripts/bench_quality.py --data ../shared/data/medquad/medquad.jsonl \
-        --steps 500 --batch-size 16
+    python scripts/bench_quality.py --data ../shared/data/medquad/medquad.jsonl \\
+        --steps 400 --batch-size 16
+    python scripts/bench_quality.py --data ../shared/data/medquad/medquad.jsonl \\
+        --steps 150 --variant adamw:train.optimizer=adamw --variant muon:train.optimizer=muon \\
+        --llama llama-muon:train.optimizer=muon
 """
 
 from __future__ import annotations
@@ -15,19 +22,90 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fraglm.config import ModelConfig, load_config  # noqa: E402
+from fraglm.export import llama_config  # noqa: E402
+from fraglm.loss import IGNORE_INDEX  # noqa: E402
+from fraglm.tracking import read_metrics  # noqa: E402
+from fraglm.train import Trainer, build_optimizer  # noqa: E402
+
 PROMPT = "What are the symptoms of high blood pressure?"
+DEFAULT_VARIANTS = ["p100:config=configs/p100.yaml", "seed:config=configs/seed.yaml"]
 
 
-def run(*args: str) -> str:
+class LlamaLM(torch.nn.Module):
+    """transformers' Llama of a fraglm model shape, behind the trainer's loss interface."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.hf = LlamaForCausalLM(LlamaConfig(**llama_config(cfg, vocab_size)))
+        self.blocks = self.hf.model.layers  # the matrices train.optimizer=muon updates
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, *, targets: torch.Tensor, **_: object) -> torch.Tensor:
+        logits = self.hf(input_ids=idx).logits
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+
+@dataclass
+class Variant:
+    name: str
+    config: str
+    overrides: list[str]
+    llama: bool
+
+    @classmethod
+    def parse(cls, spec: str, *, base: str, llama: bool) -> Variant:
+        name, _, rest = spec.partition(":")
+        config, overrides = base, []
+        for item in filter(None, (x.strip() for x in rest.split(","))):
+            key, _, value = item.partition("=")
+            if key == "config":
+                config = value
+            else:
+                overrides.append(item)
+        return cls(name, config, overrides, llama)
+
+
+def train_variant(variant: Variant, common: list[str], out_dir: str) -> float:
+    """Train one variant; returns the wall time in minutes."""
+    cfg = load_config(
+        ROOT / variant.config, [*common, f"train.out_dir={out_dir}", *variant.overrides]
+    )
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    if variant.llama:
+        torch.manual_seed(cfg.train.seed)
+        trainer.model = trainer.forward_model = LlamaLM(cfg.model, trainer.vocab_size)
+        trainer.optimizer = build_optimizer(trainer.model, cfg.train)
+    trainer.run()
+    return (time.perf_counter() - start) / 60
+
+
+def sample_answer(out_dir: str) -> str:
+    args = ["generate", PROMPT, "--run", out_dir, "--temperature", "0.5", "--seed", "0",
+            "--repetition-penalty", "1.2", "--max-new-tokens", "80"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "fraglm", *args], capture_output=True, text=True, cwd=ROOT
     )
-    if result.returncode:
-        sys.exit(f"fraglm {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
+    return result.stdout.strip() if result.returncode == 0 else f"(failed: {result.stderr})"
 
 
 def main() -> None:
@@ -35,37 +113,47 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="Q&A corpus (jsonl with question/answer)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--config", default="configs/p100.yaml", help="base config of variants")
+    parser.add_argument("--variant", action="append", default=[], help="NAME[:KEY=VALUE,...]")
+    parser.add_argument("--llama", action="append", default=[], help="NAME[:KEY=VALUE,...]")
+    parser.add_argument("--eval-interval", type=int, default=50)
+    parser.add_argument("--tokenized-dir", default="data/tokenized/quality-8k")
     parser.add_argument("--out", default="checkpoints/quality")
     args = parser.parse_args()
-    rows = []
-    for name in ("p100", "seed"):
-        out_dir = f"{args.out}/{name}"
-        overrides = [
-            f"data.path={args.data}", "data.question_field=question", "data.answer_field=answer",
-            "data.tokenized_dir=data/tokenized/quality-8k", f"train.out_dir={out_dir}",
-            f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-            "train.warmup_steps=50", "train.eval_interval=100", "train.eval_batches=25",
-            "train.save_interval=100", "logging.progress=false",
-        ]  # fmt: skip
-        start = time.perf_counter()
-        run("train", "-c", f"configs/{name}.yaml", *[a for o in overrides for a in ("--set", o)])
-        minutes = (time.perf_counter() - start) / 60
-        metrics = [
-            json.loads(x) for x in (ROOT / out_dir / "metrics.jsonl").read_text().split("\n") if x
-        ]
-        val = min(r["val_loss"] for r in metrics if "val_loss" in r)
-        tokens = max(r["tokens"] for r in metrics)
-        sample = run("generate", PROMPT, "--run", out_dir, "--temperature", "0.5", "--seed", "0",
-                     "--repetition-penalty", "1.2", "--max-new-tokens", "80").strip()  # fmt: skip
-        rows.append((name, val, tokens, minutes, sample))
-    print("| config | arch | best val loss | tokens | minutes |")
-    print("|---|---|---|---|---|")
-    for name, val, tokens, minutes, _ in rows:
-        arch = "seed" if name == "seed" else "modern"
-        print(f"| {name}.yaml | {arch} | {val:.4f} | {tokens:,} | {minutes:.1f} |")
-    print(f"\nmodern vs seed: {100 * (1 - rows[0][1] / rows[1][1]):.1f}% lower validation loss\n")
-    for name, *_, sample in rows:
-        print(f"{name}: Q: {PROMPT}\nA: {sample}\n")
+    specs = [Variant.parse(v, base=args.config, llama=False) for v in args.variant]
+    specs += [Variant.parse(v, base=args.config, llama=True) for v in args.llama]
+    if not specs:
+        specs = [Variant.parse(v, base=args.config, llama=False) for v in DEFAULT_VARIANTS]
+    common = [
+        f"data.path={args.data}", "data.question_field=question", "data.answer_field=answer",
+        f"data.tokenized_dir={args.tokenized_dir}", f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}", "train.warmup_steps=50",
+        f"train.eval_interval={args.eval_interval}", "train.eval_batches=25",
+        f"train.save_interval={args.steps}", "logging.progress=false",
+    ]  # fmt: skip
+    print("| variant | changes | best val loss | best val bpb | last val bpb | tokens | minutes |")
+    print("|---|---|---|---|---|---|---|")
+    samples = []
+    for variant in specs:
+        out_dir = f"{args.out}/{variant.name}"
+        minutes = train_variant(variant, common, out_dir)
+        evals = [r for r in read_metrics(ROOT / out_dir) if "val_loss" in r]
+        best = min(evals, key=lambda r: r["val_loss"])
+        changes = ", ".join(variant.overrides) or variant.config
+        if variant.llama:
+            changes = f"transformers Llama; {changes}"
+        else:
+            samples.append((variant.name, sample_answer(out_dir)))
+        print(
+            f"| {variant.name} | {changes} | {best['val_loss']:.4f} | {best['val_bpb']:.4f} | "
+            f"{evals[-1]['val_bpb']:.4f} | {evals[-1]['tokens']:,} | {minutes:.1f} |",
+            flush=True,
+        )
+        (ROOT / out_dir / "bench.json").write_text(
+            json.dumps({"variant": variant.name, "changes": changes, "minutes": minutes}) + "\n"
+        )
+    for name, sample in samples:
+        print(f"\n{name}: Q: {PROMPT}\nA: {sample}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from fraglm import checkpoint as ckpt
 from fraglm.batches import WindowSampler, answer_target_mask
-from fraglm.config import ModelConfig, load_config
+from fraglm.config import END, ModelConfig, TokenizerConfig, load_config
 from fraglm.data import tokenize
 from fraglm.device import resolve_precision
-from fraglm.evaluation import evaluate, evaluate_run
+from fraglm.evaluation import bits_per_byte, evaluate, evaluate_run
 from fraglm.model import Transformer
 from fraglm.run import load_run
+from fraglm.tokenizer import decode, token_byte_lengths, train_tokenizer, vocab_size
 from fraglm.train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,18 +44,19 @@ def run_dir(tmp_path_factory) -> Path:
     return train(tiny_config(tmp_path_factory.mktemp("eval"))).run_dir
 
 
-def logged_val_loss(run: Path, step: int) -> float:
+def logged_val(run: Path, step: int, key: str = "val_loss") -> float:
     lines = (run / ckpt.METRICS_FILE).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
-    [loss] = [r["val_loss"] for r in records if r["step"] == step and "val_loss" in r]
-    return loss
+    [value] = [r[key] for r in records if r["step"] == step and "val_loss" in r]
+    return value
 
 
 @pytest.mark.parametrize("which", ["best", "latest"])
 def test_eval_reproduces_the_trainers_validation_loss(run_dir, which):
     step = ckpt.read_pointer(run_dir, which)["step"]
     result = evaluate_run(run_dir, which=which, device="cpu")
-    assert result.loss == pytest.approx(logged_val_loss(run_dir, step), abs=1e-6)
+    assert result.loss == pytest.approx(logged_val(run_dir, step), abs=1e-6)
+    assert result.bits_per_byte == pytest.approx(logged_val(run_dir, step, "val_bpb"), abs=1e-6)
     assert result.tokens == 2 * 8 * 64  # eval_batches x batch_size x context_length
     assert result.perplexity == pytest.approx(math.exp(result.loss))
 
@@ -64,8 +66,36 @@ def test_eval_command(run_cli, run_dir):
     assert result.exit_code == 0, result.stderr
     best = ckpt.read_pointer(run_dir, "best")["val_loss"]
     ppl = math.exp(best)
+    bpb = evaluate_run(run_dir, device="cpu").bits_per_byte
     split = run_dir.parent / "tokenized" / "val.bin"
-    assert result.stdout == f"{split}: loss {best:.4f}, perplexity {ppl:.2f}, 1,024 tokens\n"
+    assert result.stdout == (
+        f"{split}: loss {best:.4f}, perplexity {ppl:.2f}, {bpb:.4f} bits per byte, 1,024 tokens\n"
+    )
+
+
+def test_bits_per_byte_equals_a_hand_computation(qa_documents):
+    """Summed nats over the targets / (ln 2 x UTF-8 bytes of the text they decode to), on
+    a text with two- to four-byte characters that the small vocabulary splits into pieces."""
+    tokenizer = train_tokenizer(qa_documents, TokenizerConfig(vocab_size=300), progress=False)
+    document = "<|Q|>Où est le café ? 头痛 🤒<|A|>Buvez de l'eau, ½ litre.<|END|>"
+    tokens = np.array(tokenizer.encode(document).ids)
+    assert decode(tokenizer, tokens) == document
+    context = len(tokens) - 1  # one window: every token after <|Q|> is a target
+    sampler = WindowSampler(tokens, context, end_id=tokenizer.token_to_id(END))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2), vocab_size(tokenizer))
+    starts, cpu = np.array([0]), torch.device("cpu")
+    loss, count = evaluate(
+        model, sampler, starts, batch_size=1, precision=resolve_precision("fp32", cpu), device=cpu
+    )
+    n_bytes = sampler.counted_target_bytes(starts, token_byte_lengths(tokenizer))
+    assert n_bytes == len(document.encode("utf-8")) - len("<|Q|>")
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens[None, :-1]))
+    nats = F.cross_entropy(logits[0], torch.tensor(tokens[1:]), reduction="sum")
+    expected = float(nats) / (math.log(2) * (len(document.encode("utf-8")) - 5))
+    assert count == context
+    assert bits_per_byte(loss, count, n_bytes) == pytest.approx(expected, rel=1e-5)
 
 
 def test_eval_on_a_corpus_file(run_cli, run_dir, qa_jsonl, qa_documents):

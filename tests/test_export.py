@@ -80,6 +80,27 @@ def test_seed_architecture_refuses_export(seed_run, tmp_path, run_cli):
     assert not (tmp_path / "hf").exists()
 
 
+def test_untied_embeddings_export_their_output_head(train_tiny_run, tmp_path):
+    run_dir = train_tiny_run(tmp_path, "model.tie_embeddings=false", "model.zero_init_out=true")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run_dir, tmp_path / "hf"))
+    run = load_run(run_dir, device="cpu")
+    assert not hf.config.tie_word_embeddings
+    ids = torch.tensor([run.tokenizer.encode("<|Q|>Is water good for me?<|A|>").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, run.model(ids), rtol=0, atol=1e-4)
+    assert torch.equal(gguf_tensors(run.model)["output.weight"], run.model.head.weight)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_qk_norm_refuses_export(train_tiny_run, tmp_path, run_cli, fmt):
+    run_dir = train_tiny_run(tmp_path, "model.qk_norm=true")
+    out = tmp_path / "out"
+    run_cli("export", "--run", run_dir, "--format", fmt, "--out", out).assert_user_error(
+        "cannot express model.qk_norm"
+    )
+    assert not out.exists()
+
+
 def test_unknown_format_is_an_error(exported, run_cli, tmp_path):
     run_dir, _ = exported
     result = run_cli("export", "--run", run_dir, "--format", "onnx", "--out", tmp_path / "x")

@@ -50,10 +50,11 @@ def test_modern_p100_model_has_about_3m_parameters():
         + d * 2 * hidden  # fused SwiGLU gate and up
         + hidden * d  # down
         + 2 * d  # two RMSNorm weights
+        + d // cfg.n_heads  # the QK-norm gain
     )
     expected = VOCAB * d + layers * per_layer + d  # tied embedding/head, final RMSNorm
     model = Transformer(cfg, VOCAB)
-    assert model.num_parameters() == expected == 3_123_328
+    assert cfg.qk_norm and model.num_parameters() == expected == 3_123_456
 
 
 def test_seed_preset_has_about_3_7m_parameters():
@@ -86,6 +87,12 @@ def test_modern_ties_the_head_to_the_embedding():
     with torch.no_grad():
         model.embed.weight[3].zero_()
     assert not model.head.weight[3].any()
+
+
+def test_untied_modern_model_has_its_own_head():
+    tied, untied = build(TINY), build(replace(TINY, tie_embeddings=False))
+    assert untied.head.weight is not untied.embed.weight
+    assert untied.num_parameters() == tied.num_parameters() + 50 * TINY.d_model
 
 
 def test_seed_has_an_untied_head():
@@ -203,10 +210,12 @@ def test_documents_do_not_see_each_other():
 
 @pytest.mark.parametrize("backend", ["fragment", "sdpa", "naive"])
 @pytest.mark.parametrize(
-    ("arch", "kv"), [("modern", None), ("seed", None), ("modern", 2), ("modern", 1)]
-)
-def test_cached_decoding_equals_the_full_forward(arch, kv, backend):
-    cfg = replace(TINY, arch=arch, n_kv_heads=kv, attention=backend)
+    ("arch", "kv", "qk_norm"),
+    [("modern", None, False), ("seed", None, False), ("modern", 2, False), ("modern", 1, False),
+     ("modern", 2, True)],
+)  # fmt: skip
+def test_cached_decoding_equals_the_full_forward(arch, kv, qk_norm, backend):
+    cfg = replace(TINY, arch=arch, n_kv_heads=kv, attention=backend, qk_norm=qk_norm)
     model = build(cfg).eval()
     idx = torch.randint(0, 50, (2, 21), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -246,6 +255,29 @@ def test_residual_projections_start_smaller(arch):
     assert float(model.embed.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
     if arch == "seed":
         assert not model.blocks[0].attn.qkv.bias.any()
+
+
+def test_zero_initialised_output_projections_make_each_block_the_identity():
+    model = build(replace(TINY, zero_init_out=True))
+    x = torch.randn(2, 5, TINY.d_model)
+    rope = model.rope(torch.arange(5))
+    for block in model.blocks:
+        assert not block.attn.out.weight.any() and not block.mlp.down.weight.any()
+        torch.testing.assert_close(block(x, rope, None, None, None), x, rtol=0, atol=0)
+    assert float(model.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+
+
+def test_qk_norm_normalises_each_query_and_key_head():
+    """With QK-norm, queries and keys have unit RMS per head before RoPE, times one gain."""
+    model = build(replace(TINY, qk_norm=True))
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.qk_norm.weight.fill_(2.0)
+        q, k, v = attn.project(torch.randn(2, 5, TINY.d_model) * 7, rope=None)
+    for t in (q, k):
+        rms = t.square().mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 2.0), rtol=1e-4, atol=1e-4)
+    assert v.square().mean(-1).sqrt().std() > 0.1  # values are not normalised
 
 
 def test_rope_scores_depend_only_on_relative_position():

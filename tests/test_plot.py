@@ -19,7 +19,8 @@ def _run_dir(tmp_path, name, slope):
         lines.append({"step": step, "tokens": tokens, "train_loss": 6 - slope * math.log(step),
                       "lr": 1e-3 * min(1, step / 10)})  # fmt: skip
         if step % 10 == 0:
-            lines.append({"step": step, "tokens": tokens, "val_loss": 6.1 - slope * math.log(step)})
+            val = 6.1 - slope * math.log(step)
+            lines.append({"step": step, "tokens": tokens, "val_loss": val, "val_bpb": val / 3})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run
 
@@ -31,7 +32,7 @@ def test_plot_of_two_runs_is_a_real_png(tmp_path, run_cli):
     assert result.exit_code == 0, result.stderr
     image = Image.open(out)
     assert image.format == "PNG"
-    assert image.width >= 1000 and image.height >= 300
+    assert image.width >= 2000 and image.height >= 300  # four panels side by side
     colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colors is None or len(colors) > 50  # lines, text, markers: not a blank canvas
     assert out.stat().st_size > 20_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -173,6 +174,13 @@ RESUME_CASES = {
         "train.doc_mask=true",
         "train.loss_on=answer",
     ),
+    "muon, qk-norm, untied, zero-initialised projections, wsd": (
+        "train.optimizer=muon",
+        "model.qk_norm=true",
+        "model.tie_embeddings=false",
+        "model.zero_init_out=true",
+        "train.schedule=wsd",
+    ),
 }
 
 
@@ -211,6 +219,53 @@ def test_resume_through_the_cli(tokenized, tmp_path, run_cli):
     assert train_losses(split) == train_losses(whole)
     a, b = latest_weights(whole), latest_weights(split)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_with_another_optimizer(tokenized, run_copy, tmp_path, run_cli):
+    config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
+    assert_one_line_error(
+        run_cli("train", "-c", config, "--resume", *set_args("train.optimizer=muon")),
+        "was saved with another train.optimizer than the config's",
+    )
+
+
+# early stopping
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(
+    tokenized, tmp_path, run_cli, monkeypatch
+):
+    """Validation losses 5, 4, 4.5, 4.2, ...: with patience 2 the run stops at the 4th
+    evaluation (step 12), and its best checkpoint is the model of step 6."""
+    scripted = itertools.chain([5.0, 4.0, 4.5, 4.2], itertools.repeat(4.5))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(scripted))
+    settings = ("train.max_steps=30", "train.save_interval=100")
+    cfg = make_config(tokenized, tmp_path / "run", *settings, "train.early_stopping_patience=2")
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+
+    result = run_cli("train", "-c", config)
+    assert result.exit_code == 0, result.stderr
+    assert "early stopping at step 12: validation loss has not improved for 2 evaluations; " \
+        "best 4.0000 at step 6" in result.stdout  # fmt: skip
+    assert "trained to step 12" in result.stdout
+    assert [step for step, _ in val_losses(tmp_path / "run")] == [3, 6, 9, 12]
+    assert ckpt.read_pointer(tmp_path / "run", "best")["step"] == 6
+    assert ckpt.read_pointer(tmp_path / "run", "latest")["step"] == 12
+    Trainer(make_config(tokenized, tmp_path / "six", *settings)).run(max_new_steps=6)
+    best = load_file(ckpt.checkpoint_dir(tmp_path / "run", "best") / ckpt.WEIGHTS_FILE)
+    six = latest_weights(tmp_path / "six")
+    assert all(torch.equal(best[name], six[name]) for name in six)
+
+    again = run_cli("train", "-c", config, "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert "nothing to do: the run stopped early at step 12" in again.stdout
+    assert ckpt.read_pointer(tmp_path / "run", "latest")["step"] == 12
+    onward = run_cli(
+        "train", "-c", config, "--resume", *set_args("train.early_stopping_patience=0")
+    )
+    assert onward.exit_code == 0, onward.stderr
+    assert "trained to step 30" in onward.stdout
+    assert ckpt.read_pointer(tmp_path / "run", "best")["step"] == 6
 
 
 # Ctrl-C
