@@ -25,6 +25,7 @@ def one_line(result, *fragments: str) -> None:
         ("train.lr=.nan", "config key 'train.lr' = nan: must be a finite number"),
         ("train.x=!!float abc", "a value does not fit its type tag (could not convert"),
         ("train.max_steps=!!int x", "a value does not fit its type tag (invalid literal"),
+        ("data.path=!!int", "a value does not fit its type tag"),
         ("train.max_steps=!!python/object:os.system x", "is not valid YAML"),
         ("train.seed=100000000000000000000000000", "config key 'train.seed'"),
         ("train.max_steps=" + "9" * 30, "must fit in 64 bits"),
