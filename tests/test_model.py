@@ -50,10 +50,11 @@ def test_modern_p100_model_has_about_3m_parameters():
         + d * 2 * hidden  # fused SwiGLU gate and up
         + hidden * d  # down
         + 2 * d  # two RMSNorm weights
+        + d // cfg.n_heads  # the QK-norm gain
     )
     expected = VOCAB * d + layers * per_layer + d  # tied embedding/head, final RMSNorm
     model = Transformer(cfg, VOCAB)
-    assert not cfg.qk_norm and model.num_parameters() == expected == 3_123_328
+    assert cfg.qk_norm and model.num_parameters() == expected == 3_123_456
 
 
 def test_seed_preset_has_about_3_7m_parameters():
