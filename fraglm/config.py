@@ -107,7 +107,7 @@ class ModelConfig:
     qk_norm: bool = _opt(
         False,
         "RMSNorm over each query and key head before RoPE (modern arch; one gain shared by "
-        "queries and keys). Llama cannot express it: such runs do not export to Hugging Face.",
+        "queries and keys). Such runs export as Qwen3 (Llama plus these norms) to HF and GGUF.",
     )
     tie_embeddings: bool = _opt(
         True, "Output head shares the input embedding's weights (modern arch; seed is untied)."

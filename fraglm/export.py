@@ -1,9 +1,12 @@
-"""``fraglm export --format hf``: a trained run as a Hugging Face Llama model directory.
+"""``fraglm export --format hf``: a trained run as a Hugging Face model directory.
 
 The modern architecture is Llama's (RMSNorm, rotate-half RoPE, SwiGLU, no biases, tied
 embeddings), so export renames and splits weights: the fused qkv projection into q/k/v,
-the fused gate/up projection into gate/up. The result loads with
-``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+the fused gate/up projection into gate/up. With ``model.qk_norm`` (an RMSNorm on each
+query and key head before RoPE, which Llama cannot express) the run exports as Qwen3,
+which is Llama plus exactly those norms (``q_norm``, ``k_norm``; fraglm's one shared norm
+is written to both). The result loads with ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -52,8 +55,30 @@ def llama_config(
     }
 
 
-def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """fraglm weights under Llama's names (a tied output head is not stored twice)."""
+def hf_architecture(m: ModelConfig) -> str:
+    """The transformers ``model_type`` that computes what ``m`` computes."""
+    return "qwen3" if m.qk_norm else "llama"
+
+
+def hf_config(
+    m: ModelConfig, vocab_size: int, *, end_id: int | None = None, pad_id: int | None = None
+) -> dict[str, Any]:
+    """transformers config fields for a modern fraglm model: Llama's, or Qwen3's for
+    ``model.qk_norm`` (the same fields, one attention layout for every layer)."""
+    config = llama_config(m, vocab_size, end_id=end_id, pad_id=pad_id)
+    if hf_architecture(m) == "qwen3":
+        del config["mlp_bias"]
+        config |= {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "use_sliding_window": False,
+        }
+    return config
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """fraglm weights under transformers' Llama (or Qwen3) names (a tied output head is
+    not stored twice)."""
     m = model.cfg
     head_dim = m.d_model // m.n_heads
     q_size, kv_size = m.n_heads * head_dim, kv_heads(m) * head_dim
@@ -78,22 +103,27 @@ def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             prefix + "mlp.up_proj.weight": up,
             prefix + "mlp.down_proj.weight": block.mlp.down.weight,
         }
+        if block.attn.qk_norm is not None:
+            state[prefix + "self_attn.q_norm.weight"] = block.attn.qk_norm.weight
+            state[prefix + "self_attn.k_norm.weight"] = block.attn.qk_norm.weight
     return {name: t.detach().to(torch.float32).contiguous().clone() for name, t in state.items()}
 
 
-def to_hf_llama(model: Transformer) -> Any:
-    """An in-memory ``transformers.LlamaForCausalLM`` with ``model``'s weights (modern arch)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def to_hf(model: Transformer) -> Any:
+    """An in-memory transformers Llama (Qwen3 with QK-norm) with ``model``'s weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = LlamaForCausalLM(LlamaConfig(**llama_config(model.cfg, model.vocab_size)))
-    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+    fields = hf_config(model.cfg, model.vocab_size)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    hf = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
         raise RuntimeError(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     return hf.to(next(model.parameters()).device).eval()
 
 
-def load_llama_run(run: str | Path | None, *, which: str, target: str) -> LoadedRun:
+def load_exportable_run(run: str | Path | None, *, which: str, target: str) -> LoadedRun:
     """A run on the CPU whose model has Llama's layout (``model.arch = 'modern'``), for
     export to ``target``; the seed architecture is refused in one line."""
     loaded = load_run(run, which=which, device="cpu")
@@ -102,17 +132,12 @@ def load_llama_run(run: str | Path | None, *, which: str, target: str) -> Loaded
             f"export to {target} supports model.arch = 'modern' (Llama layout); "
             f"{loaded.run_dir} uses '{loaded.cfg.model.arch}' (learned positions, LayerNorm, GELU)"
         )
-    if loaded.cfg.model.qk_norm:
-        raise FraglmError(
-            f"export to {target} cannot express model.qk_norm (Llama has no norm on queries "
-            f"and keys); {loaded.run_dir} was trained with it"
-        )
     return loaded
 
 
 def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path:
     """Write a Hugging Face model directory for a run; returns ``out``."""
-    loaded = load_llama_run(run, which=which, target="Hugging Face")
+    loaded = load_exportable_run(run, which=which, target="Hugging Face")
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError:
@@ -124,12 +149,12 @@ def export_hf(run: str | Path | None, out: Path, *, which: str = "best") -> Path
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    config = llama_config(loaded.cfg.model, vocab, end_id=end_id, pad_id=pad_id)
+    config = hf_config(loaded.cfg.model, vocab, end_id=end_id, pad_id=pad_id)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"eos_token_id": end_id, "pad_token_id": pad_id}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file(
-        llama_state_dict(loaded.model), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        hf_state_dict(loaded.model), str(tmp / "model.safetensors"), metadata={"format": "pt"}
     )
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

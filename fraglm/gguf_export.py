@@ -3,11 +3,15 @@
 The file is written with the ``gguf`` package (llama.cpp's own writer), not with
 llama.cpp's converter, which refuses BPE tokenizers it does not know by hash. It holds:
 
-- ``llama`` metadata: context, widths, heads, kv heads, RoPE dimension and base, RMS eps;
-- the weights under llama.cpp's names (from :func:`fraglm.export.llama_state_dict`); a
+- architecture ``llama``, or ``qwen3`` for ``model.qk_norm`` (llama.cpp's Qwen3 is Llama
+  with an RMSNorm on each query and key head before RoPE, as fraglm's QK-norm);
+- its metadata: context, widths, heads, kv heads, head size, RoPE dimension and base, RMS
+  eps;
+- the weights under llama.cpp's names (from :func:`fraglm.export.hf_state_dict`); a
   tied head has no ``output.weight`` (llama.cpp and transformers then use the token
   embedding as the output head), an untied one (``model.tie_embeddings: false``) has;
-- query and key rows reordered for llama.cpp's RoPE (see :func:`interleave_rope_rows`);
+- for ``llama``, query and key rows reordered for llama.cpp's RoPE (see
+  :func:`interleave_rope_rows`); its ``qwen3`` rotates halves as fraglm does;
 - the tokenizer as a ``gpt2`` (byte-level BPE) model with pre-tokenizer ``gpt-2``, whose
   split regex is the one of our ``ByteLevel`` pre-tokenizer; vocabulary, merges, the
   special tokens as control tokens, end of sequence ``<|END|>``, and the chat template of
@@ -27,16 +31,18 @@ from tokenizers import Tokenizer
 from fraglm.chat_template import CHAT_TEMPLATE
 from fraglm.config import END, PAD, SPECIAL_TOKENS, ModelConfig
 from fraglm.errors import FraglmError
-from fraglm.export import llama_state_dict, load_llama_run
+from fraglm.export import hf_architecture, hf_state_dict, load_exportable_run
 from fraglm.model import Transformer, kv_heads, mlp_hidden_size
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
-# transformers' Llama name (after "model.layers.N.") -> llama.cpp's tensor kind
+# transformers' Llama/Qwen3 name (after "model.layers.N.") -> llama.cpp's tensor kind
 _LAYER_TENSORS = {
     "input_layernorm": "ATTN_NORM",
     "self_attn.q_proj": "ATTN_Q",
     "self_attn.k_proj": "ATTN_K",
+    "self_attn.q_norm": "ATTN_Q_NORM",
+    "self_attn.k_norm": "ATTN_K_NORM",
     "self_attn.v_proj": "ATTN_V",
     "self_attn.o_proj": "ATTN_OUT",
     "post_attention_layernorm": "FFN_NORM",
@@ -60,13 +66,15 @@ def interleave_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """``model``'s weights under llama.cpp's names, queries and keys in its RoPE layout."""
+    """``model``'s weights under llama.cpp's names, queries and keys in the RoPE layout of
+    its architecture (:func:`fraglm.export.hf_architecture`)."""
     import gguf
 
     names = gguf.TENSOR_NAMES
     kinds = gguf.MODEL_TENSOR
+    interleave = hf_architecture(model.cfg) == "llama"
     tensors = {}
-    for name, tensor in llama_state_dict(model).items():
+    for name, tensor in hf_state_dict(model).items():
         if name == "model.embed_tokens.weight":
             tensors[names[kinds.TOKEN_EMBD] + ".weight"] = tensor
             continue
@@ -78,9 +86,9 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             continue
         layer, part = name.removeprefix("model.layers.").split(".", 1)
         kind = _LAYER_TENSORS[part.removesuffix(".weight")]
-        if kind == "ATTN_Q":
+        if kind == "ATTN_Q" and interleave:
             tensor = interleave_rope_rows(tensor, model.cfg.n_heads)
-        elif kind == "ATTN_K":
+        elif kind == "ATTN_K" and interleave:
             tensor = interleave_rope_rows(tensor, kv_heads(model.cfg))
         tensors[names[kinds[kind]].format(bid=int(layer)) + ".weight"] = tensor
     return tensors
@@ -139,7 +147,7 @@ def write_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, hf_architecture(m))
     try:
         writer.add_name(name or "fraglm")
         writer.add_file_type(file_types[dtype])
@@ -151,6 +159,8 @@ def write_gguf(
         writer.add_feed_forward_length(mlp_hidden_size(m))
         writer.add_head_count(m.n_heads)
         writer.add_head_count_kv(kv_heads(m))
+        writer.add_key_length(m.d_model // m.n_heads)
+        writer.add_value_length(m.d_model // m.n_heads)
         writer.add_rope_dimension_count(m.d_model // m.n_heads)
         writer.add_rope_freq_base(m.rope_theta)
         writer.add_layer_norm_rms_eps(m.norm_eps)
@@ -193,7 +203,7 @@ def export_gguf(
         import gguf  # noqa: F401
     except ImportError:
         raise FraglmError('export to GGUF needs gguf: pip install -e ".[gguf]"') from None
-    loaded = load_llama_run(run, which=which, target="GGUF")
+    loaded = load_exportable_run(run, which=which, target="GGUF")
     with torch.no_grad():
         return write_gguf(
             loaded.model, loaded.tokenizer, out, dtype=dtype, name=loaded.run_dir.name

@@ -31,7 +31,7 @@ import torch
 
 from fraglm.config import ModelConfig, SampleConfig
 from fraglm.device import resolve_device
-from fraglm.export import to_hf_llama
+from fraglm.export import to_hf
 from fraglm.generate import Generator
 from fraglm.model import Transformer
 
@@ -63,7 +63,7 @@ def hf_model(model: Transformer) -> torch.nn.Module | None:
         import transformers  # noqa: F401
     except ImportError:
         return None
-    return to_hf_llama(model)
+    return to_hf(model)
 
 
 def timed(

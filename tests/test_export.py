@@ -12,7 +12,13 @@ from fraglm.chat_template import CHAT_TEMPLATE, chat_prompt
 from fraglm.config import END, PAD, SPECIAL_TOKENS, SampleConfig
 from fraglm.export import export_hf
 from fraglm.generate import Generator, make_rng
-from fraglm.gguf_export import GGUF_DTYPES, export_gguf, gguf_tensors, interleave_rope_rows
+from fraglm.gguf_export import (
+    GGUF_DTYPES,
+    export_gguf,
+    gguf_tensors,
+    interleave_rope_rows,
+    write_gguf,
+)
 from fraglm.model import RotaryEmbedding, apply_rope
 from fraglm.run import load_run
 from fraglm.tokenizer import load_tokenizer
@@ -91,14 +97,72 @@ def test_untied_embeddings_export_their_output_head(train_tiny_run, tmp_path):
     assert torch.equal(gguf_tensors(run.model)["output.weight"], run.model.head.weight)
 
 
-@pytest.mark.parametrize("fmt", ["hf", "gguf"])
-def test_qk_norm_refuses_export(train_tiny_run, tmp_path, run_cli, fmt):
-    run_dir = train_tiny_run(tmp_path, "model.qk_norm=true")
-    out = tmp_path / "out"
-    run_cli("export", "--run", run_dir, "--format", fmt, "--out", out).assert_user_error(
-        "cannot express model.qk_norm"
+@pytest.fixture(scope="module")
+def qk_norm_run(train_tiny_run, tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("qknorm"), "model.qk_norm=true")
+
+
+@pytest.fixture(scope="module")
+def qk_norm_model(qk_norm_run):
+    """The QK-norm run (as p100.yaml trains) with its gains moved well off 1, so that a
+    norm left out, or applied after RoPE, changes the logits."""
+    run = load_run(qk_norm_run, device="cpu")
+    with torch.no_grad():
+        for i, block in enumerate(run.model.blocks):
+            gain = block.attn.qk_norm.weight
+            gain.copy_(torch.linspace(0.5, 1.5 + i, gain.numel()))
+    return run
+
+
+QK_TEXT = "<|Q|>Why does my knee hurt?<|A|>Rest it."
+
+
+def test_qk_norm_run_exports_as_qwen3(qk_norm_run, run_cli, tmp_path):
+    result = run_cli("export", "--run", qk_norm_run, "--out", tmp_path / "hf")
+    assert result.exit_code == 0, result.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.model_type == "qwen3"
+    run = load_run(qk_norm_run, device="cpu")
+    ids = torch.tensor([run.tokenizer.encode(QK_TEXT).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, run.model(ids), rtol=0, atol=1e-4)
+
+
+def test_qwen3_export_applies_the_query_and_key_norms(qk_norm_model):
+    from fraglm.export import to_hf
+
+    ids = torch.tensor([qk_norm_model.tokenizer.encode(QK_TEXT).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            to_hf(qk_norm_model.model)(ids).logits, qk_norm_model.model(ids), rtol=0, atol=1e-4
+        )
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(qk_norm_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qwen3") / "model.gguf"
+    with torch.no_grad():
+        return write_gguf(qk_norm_model.model, qk_norm_model.tokenizer, path)
+
+
+def test_qk_norm_gguf_is_qwen3_and_computes_what_fraglm_computes(qk_norm_model, qwen3_gguf):
+    reader = gguf.GGUFReader(qwen3_gguf)
+    assert _field(reader, "general.architecture") == "qwen3"
+    model = qk_norm_model.model
+    names = {t.name for t in reader.tensors}
+    layers = range(model.cfg.n_layers)
+    assert {f"blk.{i}.attn_{qk}_norm.weight" for i in layers for qk in "qk"} <= names
+    # llama.cpp's qwen3 rotates halves, as fraglm does: query rows stay in fraglm's order
+    q_rows = model.cfg.d_model
+    assert torch.equal(
+        gguf_tensors(model)["blk.0.attn_q.weight"], model.blocks[0].attn.qkv.weight[:q_rows]
     )
-    assert not out.exists()
+    head_dim = model.cfg.d_model // model.cfg.n_heads
+    assert _field(reader, "qwen3.attention.key_length") == head_dim
+    gain = next(t for t in reader.tensors if t.name == "blk.1.attn_k_norm.weight")
+    assert torch.equal(torch.from_numpy(gain.data.copy()), model.blocks[1].attn.qk_norm.weight)
+    # the logits are checked in llama.cpp itself (test_llama_cpp_runs_the_qwen3_file):
+    # transformers reads Qwen3 GGUF files with head size 128 whatever the file says
 
 
 def test_unknown_format_is_an_error(exported, run_cli, tmp_path):
@@ -118,7 +182,7 @@ def test_training_gradients_match_transformers():
     """The hand-written backward passes (fused loss, RMSNorm, SwiGLU) give the gradients
     that autograd gives through transformers' Llama with the same weights."""
     from fraglm.config import ModelConfig
-    from fraglm.export import llama_state_dict, to_hf_llama
+    from fraglm.export import hf_state_dict, to_hf
     from fraglm.model import Transformer
 
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, context_length=16)
@@ -126,7 +190,7 @@ def test_training_gradients_match_transformers():
     model = Transformer(cfg, 64)
     for norm in (model.norm, *(m for b in model.blocks for m in (b.attn_norm, b.mlp_norm))):
         torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-    hf = to_hf_llama(model).train()
+    hf = to_hf(model).train()
     tokens = torch.randint(0, 64, (3, 17))
     model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
     logits = hf(input_ids=tokens[:, :-1], use_cache=False).logits
@@ -136,7 +200,7 @@ def test_training_gradients_match_transformers():
 
     grads = Transformer(cfg, 64)  # fraglm's gradients in a model's shape, renamed to Llama's
     grads.load_state_dict({name: p.grad for name, p in model.named_parameters()}, strict=False)
-    expected = llama_state_dict(grads)
+    expected = hf_state_dict(grads)
     for name, param in hf.named_parameters():
         torch.testing.assert_close(expected[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -330,3 +394,18 @@ def test_llama_cpp_tokenizer_gives_fraglm_ids(exported, llama_cpp_model, text):
     ours = load_tokenizer(exported[0] / "tokenizer.json")
     got = llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True) if text else []
     assert got == ours.encode(text).ids
+
+
+def test_llama_cpp_runs_the_qwen3_file(qk_norm_model, qwen3_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(
+        model_path=str(qwen3_gguf), n_ctx=64, n_threads=1, logits_all=True,
+        type_k=f32, type_v=f32, verbose=False,
+    )  # fmt: skip
+    ids = qk_norm_model.tokenizer.encode(QK_TEXT).ids
+    llm.eval(ids)
+    logits = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    with torch.no_grad():
+        expected = qk_norm_model.model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
