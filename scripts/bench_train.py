@@ -106,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 autocast on CUDA sm_80+, fp16 below, fp32 on CPU")  # fmt: skip
     p.add_argument("--no-hf", action="store_true", help="skip the transformers model")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override the p100 config, as `fraglm train --set` does")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()  # as `fraglm train` does; process-wide, so for every model here
     precision = resolve_precision(args.precision, device)
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
-    cfg = load_config(P100_CONFIG).model
+    cfg = load_config(P100_CONFIG, args.set).model
     context = cfg.context_length
 
     variants = build_variants(args, cfg, device)
