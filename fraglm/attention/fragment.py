@@ -422,7 +422,12 @@ def fragment_backward(
     lse3 = _fold(lse.to(acc_dtype), kv_heads).unsqueeze(-1)
     neg_lse2 = torch.where(lse3 == -math.inf, -math.inf, lse3 * -LOG2E)
     neg_delta = _fold(delta.to(acc_dtype), kv_heads).unsqueeze(-1).neg_()
-    dq = torch.zeros_like(q3)
+    rows_of = size * group
+    # each query fragment's dq in a contiguous block (n_qf, B * Hkv, rows, D), so that its
+    # products accumulate in place in one batched call (baddbmm_ into rows of a (B * Hkv,
+    # T, D) tensor would run one product per batch entry)
+    n_qf = -(-n_q // size)
+    dq_frags = q3.new_zeros(n_qf, batch * kv_heads, rows_of, dim)
     dk = torch.zeros_like(k3)
     dv = torch.zeros_like(v3)
     tiles = _plan(
@@ -435,8 +440,7 @@ def fragment_backward(
     by_key: dict[int, list[_Tile]] = {}
     for tile in tiles:
         by_key.setdefault(tile.kf, []).append(tile)
-    rows_of = size * group
-    frags = _QueryFragments(q3, do3, neg_lse2, neg_delta, dq, rows_of=rows_of)
+    frags = _QueryFragments(q3, do3, neg_lse2, neg_delta, rows_of=rows_of)
     alpha = scale * LOG2E
     for kf, col_tiles in by_key.items():
         cols = slice(kf * size, (kf + 1) * size)
@@ -444,13 +448,13 @@ def fragment_backward(
         k_frag_t, v_frag_t = k_frag.transpose(1, 2), v_frag.transpose(1, 2)
         dk_t = dv_t = None
         for tile in col_tiles:
-            q_frag, do_frag, lse_frag, nd_frag, dq_frag = frags[tile.qf]
+            q_frag, do_frag, lse_frag, nd_frag = frags[tile.qf]
             p = torch.baddbmm(lse_frag, q_frag, k_frag_t, alpha=alpha)
             if tile.causal_mask or tile.doc_mask:
                 _add_bias(p, biases(tile), batch)
             p.exp2_()
             ds = torch.baddbmm(nd_frag, do_frag, v_frag_t).mul_(p)
-            dq_frag.add_(torch.bmm(ds, k_frag))
+            dq_frags[tile.qf, :, : q_frag.shape[1]].baddbmm_(ds, k_frag, alpha=scale)
             if dk_t is None:
                 dv_t = torch.bmm(do_frag.transpose(1, 2), p)
                 dk_t = torch.bmm(q_frag.transpose(1, 2), ds)
@@ -459,13 +463,14 @@ def fragment_backward(
                 dk_t.baddbmm_(q_frag.transpose(1, 2), ds)
         dv[:, cols] = dv_t.transpose(1, 2)
         dk[:, cols] = dk_t.mul_(scale).transpose(1, 2)
-    dq.mul_(scale)
+    dq = dq_frags.transpose(0, 1).reshape(batch * kv_heads, n_qf * rows_of, dim)
+    dq = dq[:, : n_q * group]
     shape = (batch, kv_heads, n_k, dim)
     return _unfold(dq, batch, heads), dk.view(shape), dv.view(shape)
 
 
 class _QueryFragments:
-    """Per query fragment views of the folded q, dout, -LSE, -delta and dq (built lazily)."""
+    """Per query fragment views of the folded q, dout, -LSE and -delta (built lazily)."""
 
     def __init__(self, *tensors: Tensor, rows_of: int) -> None:
         self.tensors, self.rows_of = tensors, rows_of
