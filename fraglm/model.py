@@ -108,10 +108,17 @@ def apply_rope(
 def rotary_heads(
     heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sizes: tuple[int, int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries and keys (rotated together: one set of kernels) and values of ``heads``."""
-    rotated = apply_rope(heads[:, :, : sizes[0] + sizes[1]], cos, sin)
+    """Queries and keys (rotated together: one set of kernels) and values of ``heads``.
+
+    The rotation writes queries and keys head-major, so that ``q.transpose(1, 2)`` is a
+    contiguous (B, H, T, hd) tensor: the layout attention reads, with no copy of its own.
+    """
+    b, t, _, head_dim = heads.shape
+    n_rotated = sizes[0] + sizes[1]
+    rotated = heads.new_empty(b, n_rotated, t, head_dim).transpose(1, 2)
+    apply_rope(heads[:, :, :n_rotated], cos, sin, out=rotated)
     q, k = rotated.split(sizes[:2], dim=2)
-    return q, k, heads[:, :, sizes[0] + sizes[1] :]
+    return q, k, heads[:, :, n_rotated:]
 
 
 class _RotaryHeads(torch.autograd.Function):
