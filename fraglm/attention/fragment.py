@@ -303,7 +303,8 @@ def fragment_forward(
     ids (negative = padding), both or neither. ``lse`` (B, H, Tq) is the natural
     log-sum-exp of the scaled visible scores, ``-inf`` (with ``out`` 0) for rows
     that see nothing, so results over disjoint key blocks combine with
-    :func:`merge`. ``impl`` chooses the kernels as in :func:`fragment_attention`.
+    :func:`merge`. ``impl`` chooses the kernels as in :func:`fragment_attention`; the
+    tile loop's ``out`` is a (B, H, Tq, D) view of (B, Tq, H, D) storage.
     """
     _check(q, k, v)
     if resolve_impl(impl, q) == "triton":
@@ -320,7 +321,9 @@ def fragment_forward(
     k3 = k.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
     v3 = v.to(acc_dtype).reshape(batch * kv_heads, n_k, dim)
     k3t = k3.transpose(1, 2)
-    out = torch.zeros_like(q3)
+    # the output in (B, Tq, H, D) storage: returned as a (B, H, Tq, D) view, which the
+    # model's merge of the heads, (B, Tq, H * D), then reads without a copy
+    out = q.new_zeros(batch, n_q, heads, dim, dtype=acc_dtype)
     lse = torch.full(q3.shape[:2], -math.inf, dtype=acc_dtype, device=q.device)
     tiles = _plan(
         n_q, n_k, size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc
@@ -337,9 +340,13 @@ def fragment_forward(
         rows = slice(qf * rows_of, (qf + 1) * rows_of)
         q_frag = q3[:, rows] * (scale * LOG2E)
         o_frag, lse2 = _forward_fragment(q_frag, k3t, v3, row_tiles, biases, batch, size)
-        out[:, rows] = o_frag
+        positions = out[:, qf * size : (qf + 1) * size]
+        n = positions.shape[1]
+        positions.view(batch, n, kv_heads, group, dim).transpose(1, 2).copy_(
+            o_frag.view(batch, kv_heads, n, group, dim)
+        )
         lse[:, rows] = lse2 * LN2
-    return _unfold(out, batch, heads), _unfold(lse, batch, heads)
+    return out.transpose(1, 2), _unfold(lse, batch, heads)
 
 
 def _forward_fragment(
