@@ -452,9 +452,18 @@ def parse_yaml(text: str, what: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise FraglmError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError, IndexError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,
+        RecursionError,
+        IndexError,
+        KeyError,
+        AttributeError,
+    ) as exc:
         # PyYAML's constructors raise these for a tagged value they cannot build
-        # (``!!float abc``; ``!!int`` with nothing after it is an IndexError)
+        # (``!!float abc``; with nothing after the tag ``!!int`` is an IndexError, ``!!bool``
+        # a KeyError, ``!!timestamp`` an AttributeError)
         raise FraglmError(
             f"{what}: a value does not fit its type tag ({shorten(first_line(exc), 80)})"
         ) from None

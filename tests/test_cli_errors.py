@@ -26,6 +26,8 @@ def one_line(result, *fragments: str) -> None:
         ("train.x=!!float abc", "a value does not fit its type tag (could not convert"),
         ("train.max_steps=!!int x", "a value does not fit its type tag (invalid literal"),
         ("data.path=!!int", "a value does not fit its type tag"),
+        ("data.path=!!timestamp", "a value does not fit its type tag"),
+        ("data.path=!!bool", "a value does not fit its type tag"),
         ("train.max_steps=!!python/object:os.system x", "is not valid YAML"),
         ("train.seed=100000000000000000000000000", "config key 'train.seed'"),
         ("train.max_steps=" + "9" * 30, "must fit in 64 bits"),
@@ -137,8 +139,8 @@ def test_an_os_error_names_the_reason_and_the_file(run_cli, monkeypatch):
 KEYS = [f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.__dataclass_fields__]
 YAML_BITS = st.sampled_from(
     ["1", "-1", "0", "1e400", ".nan", "-.inf", "1e-45", "true", "null", "~", "[", "]", "{", "}",
-     "!!int", "!!float", "!!str", "!!binary", "!!timestamp", "&a", "*a", ":", "- ", "|", "\n",
-     "'", '"', "#", "abc", "0x1F", "1_000", "9" * 25, ",", "=", " "]
+     "!!int", "!!float", "!!str", "!!binary", "!!timestamp", "!!bool", "&a", "*a", ":", "- ",
+     "|", "\n", "'", '"', "#", "abc", "0x1F", "1_000", "9" * 25, ",", "=", " "]
 )  # fmt: skip
 VALUES = st.one_of(
     st.lists(YAML_BITS, max_size=8).map("".join),
