@@ -110,22 +110,37 @@ def qa_jsonl(tmp_path, qa_records) -> Path:
     return _write_jsonl(tmp_path / "corpus.jsonl", qa_records)
 
 
+def _tiny_overrides(
+    root: Path,
+    *overrides: str,
+    name: str = "run",
+    corpus: Path = REPO_ROOT / "data/sample_health_qa.jsonl",
+    steps: int = 12,
+) -> list[str]:
+    return [
+        f"data.path={json.dumps(str(corpus))}",
+        f"data.tokenized_dir={json.dumps(str(root / f'tokens-{name}'))}",
+        f"train.out_dir={json.dumps(str(root / name))}",
+        f"train.max_steps={steps}",
+        "logging.progress=false",
+        *overrides,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """``tiny_overrides(root, *overrides, name="run", corpus=sample, steps=12)``: ``--set``
+    style overrides that train configs/tiny.yaml into ``root / name`` on ``corpus``."""
+    return _tiny_overrides
+
+
 def _train_tiny_run(tmp: Path, *overrides: str) -> Path:
     from fraglm.config import load_config
     from fraglm.train import train
 
-    cfg = load_config(
-        REPO_ROOT / "configs/tiny.yaml",
-        [
-            f"data.path={REPO_ROOT / 'data/sample_health_qa.jsonl'}",
-            f"data.tokenized_dir={tmp / 'tokens'}",
-            f"train.out_dir={tmp / 'run'}",
-            "train.max_steps=12",
-            "logging.progress=false",
-            *overrides,
-        ],
-    )
-    return train(cfg).run_dir
+    return train(
+        load_config(REPO_ROOT / "configs/tiny.yaml", _tiny_overrides(tmp, *overrides))
+    ).run_dir
 
 
 @pytest.fixture(scope="session")

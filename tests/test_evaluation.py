@@ -24,24 +24,11 @@ from fraglm.train import train
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(root: Path, *overrides: str):
-    return load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
-        [
-            f"data.path={json.dumps(str(REPO_ROOT / 'data' / 'sample_health_qa.jsonl'))}",
-            f"data.tokenized_dir={json.dumps(str(root / 'tokenized'))}",
-            f"train.out_dir={json.dumps(str(root / 'run'))}",
-            "train.max_steps=20",
-            "logging.progress=false",
-            *overrides,
-        ],
-    )
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, tiny_overrides) -> Path:
     """The tiny config trained for 20 steps, evaluated at steps 10 and 20."""
-    return train(tiny_config(tmp_path_factory.mktemp("eval"))).run_dir
+    overrides = tiny_overrides(tmp_path_factory.mktemp("eval"), steps=20)
+    return train(load_config(REPO_ROOT / "configs" / "tiny.yaml", overrides)).run_dir
 
 
 def logged_val(run: Path, step: int, key: str = "val_loss") -> float:
@@ -67,7 +54,7 @@ def test_eval_command(run_cli, run_dir):
     best = ckpt.read_pointer(run_dir, "best")["val_loss"]
     ppl = math.exp(best)
     bpb = evaluate_run(run_dir, device="cpu").bits_per_byte
-    split = run_dir.parent / "tokenized" / "val.bin"
+    split = Path(ckpt.load_run_config(run_dir).data.tokenized_dir) / "val.bin"
     assert result.stdout == (
         f"{split}: loss {best:.4f}, perplexity {ppl:.2f}, {bpb:.4f} bits per byte, 1,024 tokens\n"
     )
@@ -129,11 +116,14 @@ def test_eval_input_errors(run_cli, run_dir, tmp_path, write_jsonl):
     )
 
 
-def test_eval_refuses_a_validation_split_tokenized_again(run_cli, run_dir, tmp_path):
+def test_eval_refuses_a_validation_split_tokenized_again(
+    run_cli, run_dir, tmp_path, tiny_overrides
+):
     # a copy of the run whose tokenized directory was since tokenized with another vocabulary
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    cfg = tiny_config(tmp_path, "tokenizer.vocab_size=300")
+    overrides = tiny_overrides(tmp_path, "tokenizer.vocab_size=300", steps=20)
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", overrides)
     tokenize(cfg, progress=False)
     saved = ckpt.load_run_config(copy)
     saved.data.tokenized_dir = cfg.data.tokenized_dir

@@ -15,38 +15,40 @@ from fraglm.train import Trainer, train
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(root: Path, name: str, corpus: Path, *overrides: str) -> list[str]:
-    return [
-        f"data.path={json.dumps(str(corpus))}",
-        f"data.tokenized_dir={json.dumps(str(root / f'tokenized-{name}'))}",
-        f"train.out_dir={json.dumps(str(root / name))}",
-        "train.max_steps=10",
-        "logging.progress=false",
-        *overrides,
-    ]
-
-
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory) -> Path:
+def parent(tmp_path_factory, tiny_overrides) -> Path:
     """The tiny config trained for 10 steps on the sample corpus."""
-    root = tmp_path_factory.mktemp("parent")
-    corpus = REPO_ROOT / "data" / "sample_health_qa.jsonl"
-    return train(
-        load_config(REPO_ROOT / "configs" / "tiny.yaml", tiny(root, "run", corpus))
-    ).run_dir
+    overrides = tiny_overrides(tmp_path_factory.mktemp("parent"), steps=10)
+    return train(load_config(REPO_ROOT / "configs" / "tiny.yaml", overrides)).run_dir
 
 
-def child_args(tmp_path: Path, corpus: Path, *overrides: str) -> list[str]:
-    args = ["train", "-c", REPO_ROOT / "configs" / "tiny.yaml"]
-    for item in tiny(tmp_path, "child", corpus, "train.loss_on=answer", *overrides):
-        args += ["--set", item]
+@pytest.fixture
+def child_args(tmp_path, qa_jsonl, tiny_overrides):
+    """``child_args(*overrides)``: ``fraglm train`` arguments for a run on the Q&A corpus."""
+
+    def args(*overrides: str) -> list[str]:
+        items = tiny_overrides(
+            tmp_path, "train.loss_on=answer", *overrides, name="child", corpus=qa_jsonl, steps=10
+        )
+        return ["train", "-c", REPO_ROOT / "configs" / "tiny.yaml"] + [
+            arg for item in items for arg in ("--set", item)
+        ]
+
     return args
 
 
-def test_child_starts_from_the_parents_best_weights_and_tokenizer(parent, tmp_path, qa_jsonl):
+def test_child_starts_from_the_parents_best_weights_and_tokenizer(
+    parent, tmp_path, qa_jsonl, tiny_overrides
+):
     cfg = load_config(
         REPO_ROOT / "configs" / "tiny.yaml",
-        tiny(tmp_path, "child", qa_jsonl, f"train.init_from={json.dumps(str(parent))}"),
+        tiny_overrides(
+            tmp_path,
+            f"train.init_from={json.dumps(str(parent))}",
+            name="child",
+            corpus=qa_jsonl,
+            steps=10,
+        ),
     )
     trainer = Trainer(cfg)
     best = load_file(ckpt.checkpoint_dir(parent, "best") / ckpt.WEIGHTS_FILE)
@@ -60,14 +62,14 @@ def test_child_starts_from_the_parents_best_weights_and_tokenizer(parent, tmp_pa
     assert (trainer.run_dir / ckpt.TOKENIZER_FILE).read_text(encoding="utf-8") == parent_tokenizer
 
 
-def test_init_from_through_the_cli_records_the_parent(parent, tmp_path, qa_jsonl, run_cli):
-    result = run_cli(*child_args(tmp_path, qa_jsonl), "--init-from", parent, "--steps", "4")
+def test_init_from_through_the_cli_records_the_parent(parent, tmp_path, run_cli, child_args):
+    result = run_cli(*child_args(), "--init-from", parent, "--steps", "4")
     assert result.exit_code == 0, result.stderr
     assert f"initialised from {ckpt.checkpoint_dir(parent, 'best')}" in result.stdout
     saved = ckpt.load_run_config(tmp_path / "child")
     assert saved.train.init_from == str(parent) and saved.train.loss_on == "answer"
     # resume continues the child (weights from its own checkpoint, tokenizer from its run dir)
-    resumed = run_cli(*child_args(tmp_path, qa_jsonl), "--resume")
+    resumed = run_cli(*child_args(), "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert "trained to step 10" in resumed.stdout and "initialised from" not in resumed.stdout
 
@@ -81,21 +83,19 @@ def test_init_from_through_the_cli_records_the_parent(parent, tmp_path, qa_jsonl
     ],
 )
 def test_init_from_refuses_another_shape_or_tokenizer(
-    parent, tmp_path, qa_jsonl, run_cli, override, message
+    parent, tmp_path, run_cli, child_args, override, message
 ):
-    result = run_cli(*child_args(tmp_path, qa_jsonl, override), "--init-from", parent)
+    result = run_cli(*child_args(override), "--init-from", parent)
     result.assert_user_error(f"cannot initialise from {parent}: {message}")
     assert result.stderr.strip() == result.error
     assert not (tmp_path / "child" / ckpt.CONFIG_FILE).exists()  # nothing of a run written
-    assert not (tmp_path / "tokenized-child").exists()
+    assert not (tmp_path / "tokens-child").exists()
 
 
-def test_init_from_input_errors(parent, tmp_path, qa_jsonl, run_cli):
-    run_cli(*child_args(tmp_path, qa_jsonl), "--init-from", tmp_path / "nowhere").assert_user_error(
-        "run not found"
-    )
-    run_cli(*child_args(tmp_path, qa_jsonl), "--init-from", parent, "--resume").assert_user_error(
+def test_init_from_input_errors(parent, tmp_path, run_cli, child_args):
+    run_cli(*child_args(), "--init-from", tmp_path / "nowhere").assert_user_error("run not found")
+    run_cli(*child_args(), "--init-from", parent, "--resume").assert_user_error(
         "--init-from starts a new run; --resume continues one"
     )
-    into_parent = child_args(tmp_path, qa_jsonl, f"train.out_dir={json.dumps(str(parent))}")
+    into_parent = child_args(f"train.out_dir={json.dumps(str(parent))}")
     run_cli(*into_parent, "--init-from", parent).assert_user_error("already holds a trained run")
