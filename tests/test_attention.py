@@ -197,19 +197,25 @@ def test_merge_of_key_halves_equals_full() -> None:
     assert rel_err(out, want) < 1e-12
 
 
-def test_backward_blocks_add_up() -> None:
-    case = CASES["documents, GQA, Tq < Tk"]
+@pytest.mark.parametrize("name", ["documents, GQA, Tq < Tk", "documents"])
+def test_backward_blocks_add_up(name: str) -> None:
+    """Contributions over two key blocks sum to the gradients, with one ``delta`` for
+    both calls (as ring attention passes it): the routine must not change its inputs."""
+    case = CASES[name]
     q, k, v, dout, docs = make_inputs(case, torch.float64)
     q_start, half, scale = case.n_k - case.n_q, 17, 0.3
     common = {"scale": scale, "fragment_size": 4, "q_start": q_start, "q_doc": docs[:, q_start:]}
     out, lse = fragment_forward(q, k, v, k_doc=docs, **common)
     delta = (out * dout).sum(-1)
+    inputs = [t.clone() for t in (q, k, v, dout, lse, delta)]
     parts = [
         fragment_backward(
             q, k[:, :, s], v[:, :, s], dout, lse, delta, k_start=s.start, k_doc=docs[:, s], **common
         )
         for s in (slice(0, half), slice(half, case.n_k))
     ]
+    for before, after in zip(inputs, (q, k, v, dout, lse, delta), strict=True):
+        assert torch.equal(before, after)
     got = (
         parts[0][0] + parts[1][0],
         torch.cat([parts[0][1], parts[1][1]], dim=2),

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from fraglm.attention.fragment import fragment_attention
 from fraglm.attention.ring import ring_attention, zigzag_indices, zigzag_split
 
-B, H, HKV, T, D = 2, 4, 2, 48, 8
+B, H, T, D = 2, 4, 48, 8
 
 
 def _free_port() -> int:
@@ -20,11 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _inputs(with_docs: bool, dtype: torch.dtype):
+def _inputs(with_docs: bool, kv_heads: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, T, D, dtype=dtype, generator=gen)
-    k = torch.randn(B, HKV, T, D, dtype=dtype, generator=gen)
-    v = torch.randn(B, HKV, T, D, dtype=dtype, generator=gen)
+    k = torch.randn(B, kv_heads, T, D, dtype=dtype, generator=gen)
+    v = torch.randn(B, kv_heads, T, D, dtype=dtype, generator=gen)
     dout = torch.randn(B, H, T, D, dtype=dtype, generator=gen)
     docs = None
     if with_docs:
@@ -34,9 +34,17 @@ def _inputs(with_docs: bool, dtype: torch.dtype):
     return q, k, v, dout, docs
 
 
-# (causal, document ids, autocast): the last runs fp32 inside bf16 autocast, as in
-# mixed-precision training, and must still match fp32 attention without autocast
-CASES = [(True, False, False), (False, False, False), (True, True, False), (True, True, True)]
+# (causal, document ids, autocast, key/value heads): grouped queries (2 of 4 heads) and,
+# last, one key head per query head, where the block routines' folds are views of their
+# inputs; the fourth runs fp32 inside bf16 autocast, as in mixed-precision training, and
+# must still match fp32 attention without autocast
+CASES = [
+    (True, False, False, 2),
+    (False, False, False, 2),
+    (True, True, False, 2),
+    (True, True, True, 2),
+    (True, True, False, H),
+]
 
 
 def _dtype_and_tolerance(autocast: bool, impl: str) -> tuple[torch.dtype, float]:
@@ -49,8 +57,9 @@ def _worker(rank: int, world: int, port: int, queue, impl: str, cases: list) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for case, (causal, with_docs, autocast) in enumerate(cases):
-            q, k, v, dout, docs = _inputs(with_docs, _dtype_and_tolerance(autocast, impl)[0])
+        for case, (causal, with_docs, autocast, kv_heads) in enumerate(cases):
+            dtype = _dtype_and_tolerance(autocast, impl)[0]
+            q, k, v, dout, docs = _inputs(with_docs, kv_heads, dtype)
             local = [zigzag_split(t, rank, world, dim=2).requires_grad_() for t in (q, k, v)]
             local_docs = None if docs is None else zigzag_split(docs, rank, world, dim=1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -107,9 +116,9 @@ def _run(world: int, impl: str = "auto", cases: list = CASES) -> dict:
 
 
 def _check_against_single_process(results: dict, world: int, impl: str, cases: list) -> None:
-    for case, (causal, with_docs, autocast) in enumerate(cases):
+    for case, (causal, with_docs, autocast, kv_heads) in enumerate(cases):
         dtype, tolerance = _dtype_and_tolerance(autocast, impl)
-        q, k, v, dout, docs = _inputs(with_docs, dtype)
+        q, k, v, dout, docs = _inputs(with_docs, kv_heads, dtype)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         expected = fragment_attention(
             *full, causal=causal, fragment_size=5, doc_ids=docs, impl="torch"
@@ -125,8 +134,8 @@ def _check_against_single_process(results: dict, world: int, impl: str, cases: l
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_single_process(world):
-    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked;
-    fp32 under autocast to 1e-5."""
+    """Outputs and q/k/v gradients, fp64 to 1e-10: causal, non-causal, document-masked,
+    grouped and one key head per query head; fp32 under autocast to 1e-5."""
     _check_against_single_process(_run(world), world, "auto", CASES)
 
 
@@ -135,7 +144,7 @@ def test_ring_on_the_triton_kernels():
     """The same with the block routines on the Triton kernels (through the interpreter),
     causal with documents and padding, fp32 against the tile loop, to 1e-5."""
     pytest.importorskip("triton")
-    cases = [(True, True, False)]
+    cases = [(True, True, False, 2)]
     _check_against_single_process(_run(2, "triton", cases), 2, "triton", cases)
 
 

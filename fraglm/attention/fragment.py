@@ -428,7 +428,9 @@ def fragment_backward(
     # Base-2 LSE, negated, so that baddbmm computes S - LSE; -inf for empty rows.
     lse3 = _fold(lse.to(acc_dtype), kv_heads).unsqueeze(-1)
     neg_lse2 = torch.where(lse3 == -math.inf, -math.inf, lse3 * -LOG2E)
-    neg_delta = _fold(delta.to(acc_dtype), kv_heads).unsqueeze(-1).neg_()
+    # out of place: the fold is a view of the caller's delta when group == 1, and ring
+    # attention passes one delta to several calls
+    neg_delta = _fold(delta.to(acc_dtype), kv_heads).unsqueeze(-1).neg()
     rows_of = size * group
     # each query fragment's dq in a contiguous block (n_qf, B * Hkv, rows, D), so that its
     # products accumulate in place in one batched call (baddbmm_ into rows of a (B * Hkv,
