@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fraglm.attention import (
     BACKENDS,
     attention,
+    fragment,
     fragment_attention,
     fragment_backward,
     fragment_forward,
@@ -96,6 +97,27 @@ def test_fragment_matches_naive(name: str, dtype: torch.dtype, tol: float) -> No
     for g, w, what in zip(got, want, ("out", "dq", "dk", "dv"), strict=True):
         assert g.dtype == dtype and g.shape == w.shape
         assert rel_err(g, w) < tol, what
+
+
+@pytest.mark.parametrize("tiles_per_run", [1, 2])
+@pytest.mark.parametrize("name", ["T not a multiple of F", "not causal", "GQA", "documents"])
+def test_runs_of_tiles_match_naive(name: str, tiles_per_run: int, monkeypatch) -> None:
+    """The forward's runs of neighbouring tiles, cut short by the element budget: single
+    tiles, and runs of two that leave a shorter run at the end of a row."""
+    case = CASES[name]
+    group = case.heads // case.kv_heads
+    tile = case.batch * case.kv_heads * case.fragment * group * case.fragment
+    monkeypatch.setattr(fragment, "_RUN_ELEMENTS", tiles_per_run * tile)
+    row = [t for t in _plan(37, 37, 16, causal=False, q_start=0, k_start=0, q_doc=None,
+                            k_doc=None) if t.qf == 0]  # fmt: skip
+    runs = [[t.kf for t in r] for r in fragment._runs(row, tile)]
+    assert runs == ([[0], [1], [2]] if tiles_per_run == 1 else [[0, 1], [2]])
+    q, k, v, dout, docs = make_inputs(case, torch.float64)
+    kw = {"causal": case.causal, "doc_ids": docs}
+    got = run(fragment_attention, q, k, v, dout, fragment_size=case.fragment, **kw)
+    want = run(naive_attention, q, k, v, dout, **kw)
+    for g, w, what in zip(got, want, ("out", "dq", "dk", "dv"), strict=True):
+        assert rel_err(g, w) < 1e-10, what
 
 
 @pytest.mark.parametrize(
