@@ -2,7 +2,10 @@
 
 One step is forward, cross-entropy, backward and an AdamW step, on random
 token windows of the p100 shape (8 layers, width 128, 8 heads, context 512, vocabulary
-8000). Compared models:
+8000). The model section comes from ``--config``: by default the config that trains this
+shape on the device benchmarked, ``p100.yaml`` on a GPU and ``medquad-cpu.yaml`` on a
+CPU, which differ only in the fragment size (128 and 64: the tile size each device runs
+fastest). Compared models:
 
 - fraglm's modern ``Transformer`` with the attention backends in ``--backends``, its loss
   through the trainer's fused head + cross-entropy (:mod:`fraglm.loss`), its products
@@ -67,11 +70,15 @@ from fraglm.allocator import keep_freed_memory
 from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import TrainConfig, load_config
 from fraglm.device import Precision, resolve_device, resolve_precision
+from fraglm.errors import FraglmError
 from fraglm.export import llama_config
 from fraglm.model import Transformer
 from fraglm.train import build_optimizer
 
-P100_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "p100.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# the config that trains the p100 shape on each kind of device
+DEVICE_CONFIGS = {"cpu": CONFIGS / "medquad-cpu.yaml"}
+DEFAULT_CONFIG = CONFIGS / "p100.yaml"
 VOCAB = 8000
 
 
@@ -109,8 +116,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 autocast on CUDA sm_80+, fp16 below, fp32 on CPU")  # fmt: skip
     p.add_argument("--no-hf", action="store_true", help="skip the transformers model")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config whose model section is benchmarked (default: "
+        "configs/medquad-cpu.yaml on a CPU, configs/p100.yaml elsewhere)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="override the p100 config, as `fraglm train --set` does")  # fmt: skip
+                   help="override the config, as `fraglm train --set` does")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -213,7 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()  # as `fraglm train` does; process-wide, so for every model here
     precision = resolve_precision(args.precision, device)
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
-    cfg = load_config(P100_CONFIG, args.set).model
+    config = args.config or DEVICE_CONFIGS.get(device.type, DEFAULT_CONFIG)
+    try:
+        cfg = load_config(config, args.set).model
+    except FraglmError as err:
+        raise SystemExit(f"error: {err}") from None
     context = cfg.context_length
 
     variants = build_variants(args, cfg, device)
@@ -248,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Machine: {machine(device)}; precision {precision.name}")
     print(
-        f"Shape: {cfg.n_layers} layers, d={cfg.d_model}, {cfg.n_heads} heads, T={context}, "
-        f"V={VOCAB}, batch {batch_size}; median of {args.steps} rounds (the second of two "
+        f"Config: {config.name}; shape: {cfg.n_layers} layers, d={cfg.d_model}, "
+        f"{cfg.n_heads} heads, T={context}, fragment {cfg.fragment_size}, V={VOCAB}, "
+        f"batch {batch_size}; median of {args.steps} rounds (the second of two "
         f"steps per model timed) after {args.warmup} warm-up steps"
     )
     print(
