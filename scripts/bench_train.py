@@ -4,8 +4,8 @@ One step is forward, cross-entropy, backward and an AdamW step, on random
 token windows of the p100 shape (8 layers, width 128, 8 heads, context 512, vocabulary
 8000). The model section comes from ``--config``: by default the config that trains this
 shape on the device benchmarked, ``p100.yaml`` on a GPU and ``medquad-cpu.yaml`` on a
-CPU, which differ only in the fragment size (128 and 64: the tile size each device runs
-fastest). Compared models:
+CPU, which differ only in the fragment size (128 and 64; 64 measured faster on a CPU,
+docs/benchmarks.md). Compared models:
 
 - fraglm's modern ``Transformer`` with the attention backends in ``--backends``, its loss
   through the trainer's fused head + cross-entropy (:mod:`fraglm.loss`), its products
@@ -76,9 +76,6 @@ from fraglm.model import Transformer
 from fraglm.train import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# the config that trains the p100 shape on each kind of device
-DEVICE_CONFIGS = {"cpu": CONFIGS / "medquad-cpu.yaml"}
-DEFAULT_CONFIG = CONFIGS / "p100.yaml"
 VOCAB = 8000
 
 
@@ -227,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()  # as `fraglm train` does; process-wide, so for every model here
     precision = resolve_precision(args.precision, device)
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
-    config = args.config or DEVICE_CONFIGS.get(device.type, DEFAULT_CONFIG)
+    # the config that trains the p100 shape on this kind of device
+    config = args.config or CONFIGS / ("medquad-cpu.yaml" if device.type == "cpu" else "p100.yaml")
     try:
         cfg = load_config(config, args.set).model
     except FraglmError as err:
