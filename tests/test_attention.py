@@ -433,16 +433,22 @@ def test_triton_on_cpu_needs_the_interpreter() -> None:
     ("capability", "dtype", "triton"),
     [
         ((6, 0), torch.float16, False),  # P100: the tile loop
-        ((7, 0), torch.float16, True),  # V100
-        ((7, 5), torch.bfloat16, False),  # T4: no bf16 tensor cores
+        ((7, 0), torch.float16, False),  # V100: no tensor-core code from Triton, spills
+        ((7, 5), torch.float16, False),  # T4: beyond its 64 KiB of shared memory
+        ((8, 0), torch.float32, False),  # fp32 products run without tensor cores
+        ((8, 0), torch.bfloat16, True),  # A100
+        ((8, 6), torch.float16, True),  # RTX 3090
         ((9, 0), torch.bfloat16, True),  # H100
     ],
 )
-def test_auto_takes_triton_on_gpus_it_supports(monkeypatch, capability, dtype, triton) -> None:
+def test_auto_takes_triton_where_the_compile_check_proves_it(
+    monkeypatch, capability, dtype, triton
+) -> None:
     from fraglm.attention import triton_op
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert triton_op._gpu_supported(torch.device("cuda"), dtype) == triton
+    assert triton_op._gpu_proven(torch.device("cuda"), dtype, 64) == triton
+    assert triton_op.triton_proven(capability, dtype, 64) == triton
 
 
 @pytest.mark.parametrize("n_q", [1, 37], ids=["decode step", "prefill"])

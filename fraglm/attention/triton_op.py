@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fraglm.errors import FraglmError
 
-__all__ = ["IMPLS", "block_size", "resolve_impl"]
+__all__ = ["IMPLS", "block_size", "resolve_impl", "triton_proven"]
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,35 +37,51 @@ def kernels() -> ModuleType:
     return triton_kernels
 
 
+# What the ahead-of-time compile check (``scripts/compile_check.py``) proves: on these
+# capabilities, dtypes and head dims every kernel compiles, fits the per-block shared
+# memory and runs its products on tensor cores. Elsewhere ``auto`` takes the tile loop.
+PROVEN_MIN_CAPABILITY = (8, 0)
+PROVEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def triton_proven(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the compile check proves the Triton kernels for a GPU of ``capability``
+    with operands of ``dtype`` and head dim ``head_dim``."""
+    return (
+        tuple(capability) >= PROVEN_MIN_CAPABILITY
+        and dtype in PROVEN_DTYPES
+        and 1 <= head_dim <= MAX_HEAD_DIM
+    )
+
+
 @torch.compiler.assume_constant_result
-def _gpu_supported(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
-    """A CUDA GPU Triton compiles for: capability 7.0+, and 8.0+ for bf16 operands."""
+def _gpu_proven(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (
-        (8, 0) if dtype == torch.bfloat16 else (7, 0)
-    )
+    return triton_proven(torch.cuda.get_device_capability(device), dtype, head_dim)
 
 
 def resolve_impl(impl: str, q: Tensor) -> str:
     """``"triton"`` or ``"torch"`` for attention on ``q``'s device and dtype.
 
-    ``auto`` takes Triton on CUDA GPUs it supports (compute capability 7.0 and up) for
-    fp32/fp16/bf16 and head dims up to 128, the torch tile loop elsewhere (P100, CPU,
-    MPS, fp64). ``triton`` on CPU tensors runs Triton's interpreter, which must have been
-    switched on with ``TRITON_INTERPRET=1`` before fraglm loaded its kernels.
+    ``auto`` takes Triton where :func:`triton_proven` holds for the GPU, the dtype and the
+    head dim (capability 8.0+, fp16/bf16), the torch tile loop elsewhere (P100, V100, T4,
+    fp32, CPU, MPS). A forced ``triton`` on a GPU the check does not cover is a one-line
+    error. ``triton`` on CPU tensors runs Triton's interpreter (any dtype the kernels
+    take), which must have been switched on with ``TRITON_INTERPRET=1`` before fraglm
+    loaded its kernels.
     """
     if impl not in IMPLS:
         raise FraglmError(f"unknown fragment attention impl {impl!r}; choose one of {IMPLS}")
-    fits = q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
-    if impl == "torch" or (impl == "auto" and not (fits and _gpu_supported(q.device, q.dtype))):
+    head_dim = q.shape[-1]
+    if impl == "torch" or (impl == "auto" and not _gpu_proven(q.device, q.dtype, head_dim)):
         return "torch"
     if impl == "auto":
         return "triton" if HAS_TRITON else "torch"
-    if not fits:
+    if q.dtype not in TRITON_DTYPES or head_dim > MAX_HEAD_DIM:
         raise FraglmError(
             f"impl='triton' takes fp32/fp16/bf16 with head dim <= {MAX_HEAD_DIM}, "
-            f"got {q.dtype} with head dim {q.shape[-1]}"
+            f"got {q.dtype} with head dim {head_dim}"
         )
     module = kernels()
     if q.device.type == "cpu" and not module.INTERPRETED:
@@ -73,12 +89,14 @@ def resolve_impl(impl: str, q: Tensor) -> str:
             "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
             "before fraglm loads its kernels (or a CUDA GPU); use impl='auto' or 'torch'"
         )
-    if q.device.type not in ("cpu", "cuda") or (
-        q.device.type == "cuda" and not _gpu_supported(q.device, q.dtype)
-    ):
+    if q.device.type != "cpu" and not _gpu_proven(q.device, q.dtype, head_dim):
+        where = q.device.type
+        if q.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            where = f"a GPU of capability {major}.{minor}"
         raise FraglmError(
-            f"impl='triton' needs a CUDA GPU of compute capability 7.0 or newer (8.0 for "
-            f"bf16), got {q.device} with {q.dtype}"
+            f"impl='triton' is not proven for {where} with {q.dtype} at head dim {head_dim} "
+            "(the compile check covers capability 8.0+ with fp16/bf16); use impl='auto'"
         )
     return "triton"
 
