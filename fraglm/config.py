@@ -146,8 +146,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only).", ge=0)
     optimizer: Literal["adamw", "muon"] = _opt(
         "adamw",
-        "adamw: AdamW for every parameter. muon: torch.optim.Muon for the blocks' matrices "
-        "(lr matched to AdamW's update size), AdamW for embeddings, head and gains.",
+        "adamw: AdamW for every parameter. muon: Muon for the blocks' matrices (lr matched to "
+        "AdamW's update size; Newton-Schulz in bf16 on CUDA 8.0+ and CPU, in fp32 below 8.0 "
+        "and on MPS), AdamW for embeddings, head and gains.",
     )
     schedule: Literal["cosine", "wsd"] = _opt(
         "cosine",

@@ -239,7 +239,7 @@ class Trainer:
                 f"note: torch.compile is not used on {self.device.type} here (CUDA needs "
                 "capability 7.0+); training uncompiled"
             )
-        self.optimizer = build_optimizer(self.model, tcfg)
+        self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
         self.step = 0
         self.best_val: float | None = None

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = torch.randint(0, VOCAB, (batch_size, context + 1), generator=gen).to(device)
     runs = []
     for variant in variants:
-        optimizer = build_optimizer(variant.model, train_cfg)
+        optimizer = build_optimizer(variant.model, train_cfg, plan.muon_dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         step = functools.partial(train_step, variant, optimizer, scaler, batch, precision)
         for _ in range(args.warmup):
