@@ -1,16 +1,22 @@
 """The device plan of each GPU generation fraglm's users train on, MPS and CPU, without a
-GPU: the CUDA capability is faked."""
+GPU: the CUDA capability is faked, and the P100's training step runs on CPU tensors."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch.torch_version import TorchVersion
 
 from fraglm import device as dev
-from fraglm.config import ModelConfig, TrainConfig
+from fraglm.batches import Batch
+from fraglm.config import ModelConfig, TrainConfig, load_config
 from fraglm.errors import FraglmError
+from fraglm.evaluation import token_loss_sum
+from fraglm.model import Transformer
+from fraglm.optim import build_optimizer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MUON = TrainConfig(optimizer="muon", compile=True)
 MODEL = ModelConfig()  # head dim 128 / 8 = 16
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -182,3 +188,54 @@ def test_explicit_cuda_without_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FraglmError, match="no CUDA device"):
         dev.resolve_device("cuda")
+
+
+def p100_config_step(plan: dev.DevicePlan, op_log) -> tuple[object, torch.amp.GradScaler]:
+    """One whole training step of the shipped p100 model as the trainer runs it, with the
+    optimizer and scaler that ``plan`` builds, on CPU tensors (batch 2 of 256 tokens, two
+    fragments, documents masked); returns the ops it ran and the scaler."""
+    cfg = load_config(REPO_ROOT / "configs/p100.yaml")
+    assert cfg.train.optimizer == "muon"
+    torch.manual_seed(0)
+    model = Transformer(replace(cfg.model, fragment_impl=plan.attention), cfg.tokenizer.vocab_size)
+    optimizer = build_optimizer(model, cfg.train, plan.muon_dtype)
+    # the CPU's autocast and GradScaler, with the dtypes and scaler the plan chose for the
+    # GPU: on a real P100 the same step autocasts on "cuda"
+    scaler = torch.amp.GradScaler("cpu", enabled=plan.precision.use_scaler)
+    tokens = torch.randint(0, cfg.tokenizer.vocab_size, (2, 257))
+    docs = torch.arange(256).div(100, rounding_mode="floor").expand(2, -1)
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], docs)
+    with op_log() as log:
+        loss = token_loss_sum(model, batch, plan.precision)
+        scaler.scale(loss / tokens[:, 1:].numel()).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    assert torch.isfinite(loss)
+    return log, scaler
+
+
+def test_the_p100_configs_training_step_creates_no_bf16_and_launches_no_triton(fake_gpu, op_log):
+    cfg = load_config(REPO_ROOT / "configs/p100.yaml")
+    plan = dev.plan_device(fake_gpu((6, 0)), cfg.train, cfg.model)
+    assert (plan.precision.dtype, plan.precision.use_scaler) == (FP16, True)
+    log, scaler = p100_config_step(plan, op_log)
+    assert log.ops_with(BF16) == []
+    assert [op for op in log.dtypes if op.startswith("fraglm.")] == []  # Triton's ops
+    # the step did run as planned: the projections' products in fp16 (the tile loop's
+    # products are fp32 by design), gradients unscaled, and the optimizers stepped (no
+    # inf or NaN among the gradients made the scaler skip the step)
+    assert "aten.mm.default" in log.ops_with(FP16)
+    assert "aten._amp_foreach_non_finite_check_and_unscale_.default" in log.dtypes
+    assert scaler.get_scale() == 2.0**16
+
+
+def test_the_a100_plans_muon_does_use_bf16(fake_gpu, op_log):
+    """The recorder sees bf16 where there is some: the same step with Muon in the A100
+    plan's dtype."""
+    cfg = load_config(REPO_ROOT / "configs/p100.yaml")
+    a100 = dev.plan_device(fake_gpu((8, 0)), cfg.train, cfg.model)
+    p100 = dev.plan_device(fake_gpu((6, 0)), cfg.train, cfg.model)
+    log, _ = p100_config_step(replace(p100, muon_dtype=a100.muon_dtype), op_log)
+    assert a100.muon_dtype == BF16 and "aten.addmm.default" in log.ops_with(BF16)
