@@ -99,8 +99,9 @@ class ModelConfig:
     fragment_size: int = _opt(128, "FragmentStream fragment length in tokens.", ge=1)
     fragment_impl: Literal["auto", "triton", "torch"] = _opt(
         "auto",
-        "FragmentStream kernels: triton (fused Triton kernels, CUDA GPUs of capability 7.0+), "
-        "torch (the tile loop, any device), auto (triton where supported, else torch).",
+        "FragmentStream kernels: triton (fused Triton kernels: CUDA capability 8.0+ with "
+        "fp16/bf16 autocast, head dim <= 128), torch (the tile loop, any device), auto "
+        "(triton there, else torch).",
     )
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)
@@ -128,9 +129,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _opt(
         "auto",
         "auto: bf16 on CUDA capability >= 8.0, fp16 autocast + GradScaler below it (P100), "
-        "fp32 on CPU.",
+        "fp32 on CPU and MPS.",
     )
-    compile: bool = _opt(False, "torch.compile the model (ignored below CUDA capability 7.0).")
+    compile: bool = _opt(
+        False, "torch.compile the model (ignored below CUDA capability 7.0 and on MPS)."
+    )
     seed: int = _opt(1337, "Seed for initialisation and batch sampling.", ge=0, le=SEED_MAX)
     batch_size: int = _opt(32, "Global batch size in sequences per optimizer step.", ge=1)
     grad_accum: int = _opt(1, "Micro-batches per optimizer step (batch_size must divide).", ge=1)
@@ -143,8 +146,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only).", ge=0)
     optimizer: Literal["adamw", "muon"] = _opt(
         "adamw",
-        "adamw: AdamW for every parameter. muon: torch.optim.Muon for the blocks' matrices "
-        "(lr matched to AdamW's update size), AdamW for embeddings, head and gains.",
+        "adamw: AdamW for every parameter. muon: Muon for the blocks' matrices (lr matched to "
+        "AdamW's update size; Newton-Schulz in bf16 on CUDA 8.0+ and CPU, in fp32 below 8.0 "
+        "and on MPS), AdamW for embeddings, head and gains.",
     )
     schedule: Literal["cosine", "wsd"] = _opt(
         "cosine",

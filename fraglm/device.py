@@ -1,4 +1,6 @@
-"""Device and numeric precision choices, with the P100 (sm_60) in mind.
+"""Every per-device choice of a training run in one place: :func:`plan_device`'s
+:class:`DevicePlan` (precision and gradient scaler, attention kernels, torch.compile,
+Muon's dtype, TF32), with the P100 (sm_60) in mind.
 
 ``torch.cuda.is_bf16_supported()`` reports emulated bf16 as support on pre-Ampere cards,
 so bf16 is chosen from the device capability, never from that call alone.
@@ -13,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fraglm.config import show
+from fraglm.attention.triton_op import HAS_TRITON, triton_proven
+from fraglm.config import ModelConfig, TrainConfig, show
 from fraglm.errors import FraglmError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -57,20 +61,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
 
 
-def resolve_precision(name: str, device: torch.device) -> Precision:
+def _version(capability: tuple[int, int]) -> str:
+    return f"{capability[0]}.{capability[1]}"
+
+
+def _resolve_precision(name: str, device: torch.device) -> Precision:
     """auto: bf16 on CUDA >= 8.0, fp16 + GradScaler on older CUDA (P100), fp32 elsewhere
     (MPS included: bf16 autocast there is a choice to make explicitly)."""
-    capability = cuda_capability(device)
+    capability = _cuda_capability(device)
     if name == "auto":
         name = "fp32" if capability is None else "bf16" if capability >= (8, 0) else "fp16"
     if name == "bf16" and capability is not None and capability < (8, 0):
         raise FraglmError(
             f"train.precision = 'bf16' needs CUDA capability 8.0+; this GPU is "
-            f"{capability[0]}.{capability[1]} (use fp16 or auto)"
+            f"{_version(capability)} (use fp16 or auto)"
         )
     if name == "fp16" and device.type != "cuda":
         # fp16 trains only with a gradient scaler, which fraglm uses on CUDA alone
@@ -85,30 +93,103 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, _DTYPES[name], use_scaler=name == "fp16")
 
 
-def compile_supported(device: torch.device) -> bool:
-    """torch.compile's Triton backend needs CUDA capability 7.0+ (not the P100); on MPS
-    fraglm does not compile (untested there)."""
-    if device.type == "mps":
-        return False
-    capability = cuda_capability(device)
-    return capability is None or capability >= (7, 0)
+def _attention_impl(
+    impl: str,
+    device: torch.device,
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    head_dim: int,
+) -> str:
+    """``model.fragment_impl`` for this device: ``auto`` takes Triton where
+    :func:`triton_proven` holds (and triton is installed); a forced ``triton`` on a GPU the
+    compile check does not cover is refused (on CPU it means Triton's interpreter)."""
+    proven = capability is not None and triton_proven(capability, dtype, head_dim)
+    if impl == "auto":
+        return "triton" if proven and HAS_TRITON else "torch"
+    if impl == "triton" and device.type != "cpu" and not proven:
+        where = device.type if capability is None else f"a GPU of capability {_version(capability)}"
+        raise FraglmError(
+            f"model.fragment_impl = 'triton' is not proven for {where} with {_NAMES[dtype]} "
+            f"at head dim {head_dim} (the compile check covers CUDA capability 8.0+ with "
+            "fp16/bf16); use auto or torch"
+        )
+    return impl
 
 
-@contextlib.contextmanager
-def matmul_precision(device: torch.device, precision: Precision) -> Iterator[None]:
-    """TF32 tensor cores for the fp32 matmuls of an fp32 run on CUDA capability 8.0+,
-    inside the block only (the setting is process-wide; it is restored after).
+@dataclass(frozen=True)
+class DevicePlan:
+    """Every choice that depends on the device, made once by :func:`plan_device`."""
 
-    TF32 keeps fp32's range with a 10-bit mantissa, about bf16 autocast's accuracy for
-    the products, at several times fp32's speed on Ampere and newer GPUs.
+    device: torch.device
+    capability: tuple[int, int] | None  # CUDA compute capability; None off CUDA
+    precision: Precision
+    attention: str  # FragmentStream kernels: "triton" or "torch" (the tile loop)
+    compile: bool  # torch.compile the model
+    muon_dtype: torch.dtype  # Muon's Newton-Schulz iterations
+    tf32: bool  # TF32 tensor cores for the fp32 matmuls of an fp32 run
+
+    def describe(self) -> str:
+        """One line for the start of a run."""
+        where = str(self.device)
+        if self.capability is not None:
+            where += f" (capability {_version(self.capability)})"
+        precision = self.precision.name
+        if self.precision.autocast:
+            precision += " autocast" + (" + GradScaler" if self.precision.use_scaler else "")
+        kernels = "Triton kernels" if self.attention == "triton" else "tile loop"
+        return (
+            f"{where}: {precision}{', TF32 matmuls' if self.tf32 else ''}, FragmentStream "
+            f"{kernels}, torch.compile {'on' if self.compile else 'off'}, "
+            f"Muon in {_NAMES[self.muon_dtype]}"
+        )
+
+    @contextlib.contextmanager
+    def matmul_precision(self) -> Iterator[None]:
+        """TF32 for fp32 matmuls inside the block only, where the plan says so (the setting
+        is process-wide; it is restored after).
+
+        TF32 keeps fp32's range with a 10-bit mantissa, about bf16 autocast's accuracy for
+        the products, at several times fp32's speed on Ampere and newer GPUs.
+        """
+        if not self.tf32:
+            yield
+            return
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+def plan_device(device: torch.device, train: TrainConfig, model: ModelConfig) -> DevicePlan:
+    """The plan for training ``model`` with ``train`` on ``device``, decided from the
+    device's kind and CUDA capability (never from ``torch.cuda.is_bf16_supported()``).
+
+    - precision: ``train.precision`` as :func:`_resolve_precision` decides it.
+    - attention: ``model.fragment_impl``; ``auto`` takes the Triton kernels where the
+      compile check proves them for the capability, the autocast dtype and the head dim
+      (capability 8.0+ with fp16/bf16), the tile loop elsewhere.
+    - compile: ``train.compile`` where torch.compile's Triton backend runs: CUDA capability
+      7.0+ (not the P100) and CPU; not on MPS (untested there).
+    - Muon: bf16 Newton-Schulz (as ``torch.optim.Muon``) on CUDA 8.0+, and on CPU, where
+      it is what fraglm's CPU recipes were measured with (and faster than fp32 on CPUs with
+      bf16 instructions); fp32 below capability 8.0, which has no bf16 GEMMs (the P100
+      fails with CUBLAS_STATUS_NOT_SUPPORTED) or emulates them, and on MPS.
+    - TF32: for an fp32 run on CUDA 8.0+.
     """
-    capability = cuda_capability(device)
-    if precision.autocast or capability is None or capability < (8, 0):
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    capability = _cuda_capability(device)
+    precision = _resolve_precision(train.precision, device)
+    head_dim = model.d_model // model.n_heads
+    attention = _attention_impl(model.fragment_impl, device, capability, precision.dtype, head_dim)
+    compiles = device.type != "mps" and (capability is None or capability >= (7, 0))
+    ampere = capability is not None and capability >= (8, 0)
+    return DevicePlan(
+        device=device,
+        capability=capability,
+        precision=precision,
+        attention=attention,
+        compile=train.compile and compiles,
+        muon_dtype=torch.bfloat16 if ampere or device.type == "cpu" else torch.float32,
+        tf32=ampere and not precision.autocast,
+    )

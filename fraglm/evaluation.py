@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from fraglm.batches import Batch, WindowSampler, make_sampler
 from fraglm.data import TOKENIZER_FILE, load_records, load_tokens, make_documents, read_meta
-from fraglm.device import Precision, resolve_precision
+from fraglm.device import Precision, plan_device
 from fraglm.errors import FraglmError
 from fraglm.run import LoadedRun, load_run
 from fraglm.tokenizer import special_ids, token_byte_lengths
@@ -108,7 +108,7 @@ def evaluate_run(
         starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
     else:
         starts = np.arange(0, sampler.max_start + 1, context)
-    precision = resolve_precision(cfg.train.precision, loaded.device)
+    precision = plan_device(loaded.device, cfg.train, cfg.model).precision
     loss, count = evaluate(
         loaded.model,
         sampler,

@@ -7,10 +7,16 @@ only: embeddings, the output head and the norm gains keep AdamW. With
 ``adjust_lr_fn="match_rms_adamw"`` (Liu et al. 2025, "Muon is Scalable for LLM Training")
 Muon's update has AdamW's RMS, so both share ``train.lr``, its schedule and
 ``train.weight_decay``.
+
+``torch.optim.Muon`` runs its Newton-Schulz iterations in bf16 whatever the device; bf16
+GEMMs fail on a P100 (sm_60) and are emulated below capability 8.0, so fraglm's
+:class:`Muon` takes the dtype from the device plan (:func:`fraglm.device.plan_device`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +83,86 @@ def _adamw(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def orthogonalize(
+    grad: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to the 2-D ``grad``, approximately: ``steps``
+    quintic Newton-Schulz iterations ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``,
+    computed in ``dtype``, from ``X = grad / ||grad||_F`` (spectral norm at most 1), on the
+    wide orientation so that ``A`` is the smaller Gram matrix. torch.optim.Muon's
+    iteration with a choice of dtype (it always takes bf16)."""
+    a, b, c = coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.to(dtype)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` (its arguments, checks and state dict, so checkpoints of either
+    load in the other) with the Newton-Schulz iterations in ``dtype``.
+
+    Per matrix W with gradient G and momentum buffer B, each step:
+    B <- lerp(B, G, 1 - momentum); U = lerp(G, B, momentum) with nesterov, else B;
+    O = orthogonalize(U); W <- W (1 - lr weight_decay) - lr' O, where lr' is lr times
+    sqrt(max(1, rows / cols)) for adjust_lr_fn "original" (or None) and
+    0.2 sqrt(max(rows, cols)) for "match_rms_adamw" (an update with AdamW's RMS).
+    """
+
+    def __init__(self, params: Any, *, dtype: torch.dtype, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.dtype
+                )
+                rows, cols = param.shape
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    ratio = 0.2 * math.sqrt(max(rows, cols))
+                else:
+                    ratio = math.sqrt(max(1, rows / cols))
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-lr * ratio)
+        return loss
+
+
 def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The matrices Muon updates: 2-D weights inside the transformer blocks."""
     blocks = getattr(model, "blocks", [])
     return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Any:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, muon_dtype: torch.dtype) -> Any:
     """``train.optimizer``: AdamW with weight decay on matrices only (not on norms and
-    biases), or Muon for the blocks' matrices plus that AdamW for everything else."""
+    biases), or Muon (orthogonalising in ``muon_dtype``, the device plan's) for the blocks'
+    matrices plus that AdamW for everything else."""
     params = [p for p in model.parameters() if p.requires_grad]
     muon = {id(p) for p in muon_parameters(model)} if cfg.optimizer == "muon" else set()
     rest = [p for p in params if id(p) not in muon]
@@ -100,8 +177,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Any:
         return adamw
     matrices = [p for p in params if id(p) in muon]
     return OptimizerSet(
-        torch.optim.Muon(
-            matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+        Muon(
+            matrices,
+            dtype=muon_dtype,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
         ),
         adamw,
     )

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from fraglm.data import (
     load_tokens,
     read_meta,
 )
-from fraglm.device import compile_supported, matmul_precision, resolve_device, resolve_precision
+from fraglm.device import plan_device, resolve_device
 from fraglm.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -202,7 +202,7 @@ class Trainer:
         self.vocab_size = vocab_size(tokenizer)
         self.token_bytes = token_byte_lengths(tokenizer)
         self.device = resolve_device(tcfg.device)
-        self.precision = resolve_precision(tcfg.precision, self.device)
+        self.plan = plan_device(self.device, tcfg, cfg.model)
 
         context = cfg.model.context_length
         train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
@@ -220,7 +220,9 @@ class Trainer:
             print(f"note: validation split too short for context {context}; no evaluation")
 
         torch.manual_seed(tcfg.seed)
-        self.model = Transformer(cfg.model, self.vocab_size).to(self.device)
+        # the plan's attention kernels; the run's config keeps model.fragment_impl as given
+        model_cfg = replace(cfg.model, fragment_impl=self.plan.attention)
+        self.model = Transformer(model_cfg, self.vocab_size).to(self.device)
         if parent is not None:
             start = ckpt.checkpoint_dir(parent, "best")
             ckpt.load_weights(self.model, start)
@@ -230,16 +232,15 @@ class Trainer:
         if self.env.enabled:
             device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        if tcfg.compile:
-            if compile_supported(self.device):
-                self.forward_model = torch.compile(self.forward_model)
-            else:
-                print(
-                    f"note: torch.compile is not used on {self.device.type} here (CUDA needs "
-                    "capability 7.0+); training uncompiled"
-                )
-        self.optimizer = build_optimizer(self.model, tcfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        if self.plan.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        elif tcfg.compile:
+            print(
+                f"note: torch.compile is not used on {self.device.type} here (CUDA needs "
+                "capability 7.0+); training uncompiled"
+            )
+        self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
         self.step = 0
         self.best_val: float | None = None
         self.best_step: int | None = None
@@ -346,7 +347,7 @@ class Trainer:
             sync = not self.env.enabled or index == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.forward_model.no_sync():
                 loss_sum = token_loss_sum(
-                    self.forward_model, batch, self.precision, self.env.cp_group
+                    self.forward_model, batch, self.plan.precision, self.env.cp_group
                 )
                 self.scaler.scale(loss_sum * (self.env.world / counted)).backward()
             loss_sums.append(loss_sum.detach())
@@ -406,7 +407,7 @@ class Trainer:
             self.val_sampler,
             self._val_starts(),
             batch_size=tcfg.batch_size // tcfg.grad_accum,
-            precision=self.precision,
+            precision=self.plan.precision,
             device=self.device,
         )
         return loss
@@ -439,7 +440,7 @@ class Trainer:
             end = self.step  # resuming a run that stopped early: nothing left to do
         try:
             with (
-                matmul_precision(self.device, self.precision),
+                self.plan.matmul_precision(),
                 _deferred_interrupt() as interrupted,
             ):
                 self._meter = (time.perf_counter(), self.step)
@@ -595,8 +596,7 @@ def train(
                 )
             print(
                 f"model: {trainer.model.num_parameters():,} parameters ({cfg.model.arch}, "
-                f"{cfg.model.attention} attention) on {trainer.device} in "
-                f"{trainer.precision.name}{parallel}"
+                f"{cfg.model.attention} attention){parallel}; on {trainer.plan.describe()}"
             )
         return trainer.run(max_new_steps=max_new_steps)
     finally:

@@ -94,7 +94,7 @@ def train_variant(variant: Variant, common: list[str], out_dir: str) -> float:
     if variant.llama:
         torch.manual_seed(cfg.train.seed)
         trainer.model = trainer.forward_model = LlamaLM(cfg.model, trainer.vocab_size)
-        trainer.optimizer = build_optimizer(trainer.model, cfg.train)
+        trainer.optimizer = build_optimizer(trainer.model, cfg.train, trainer.plan.muon_dtype)
     trainer.run()
     return (time.perf_counter() - start) / 60
 

@@ -69,7 +69,7 @@ from torch import nn
 from fraglm.allocator import keep_freed_memory
 from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import TrainConfig, load_config
-from fraglm.device import Precision, resolve_device, resolve_precision
+from fraglm.device import Precision, plan_device, resolve_device
 from fraglm.errors import FraglmError
 from fraglm.export import llama_config
 from fraglm.model import Transformer
@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as `fraglm train` does; process-wide, so for every model here
-    precision = resolve_precision(args.precision, device)
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     # the config that trains the p100 shape on this kind of device
     config = args.config or CONFIGS / ("medquad-cpu.yaml" if device.type == "cpu" else "p100.yaml")
@@ -230,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(config, args.set).model
     except FraglmError as err:
         raise SystemExit(f"error: {err}") from None
+    train_cfg = TrainConfig(precision=args.precision)
+    plan = plan_device(device, train_cfg, cfg)
+    precision = plan.precision
     context = cfg.context_length
 
     variants = build_variants(args, cfg, device)
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = torch.randint(0, VOCAB, (batch_size, context + 1), generator=gen).to(device)
     runs = []
     for variant in variants:
-        optimizer = build_optimizer(variant.model, TrainConfig())
+        optimizer = build_optimizer(variant.model, train_cfg, plan.muon_dtype)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         step = functools.partial(train_step, variant, optimizer, scaler, batch, precision)
         for _ in range(args.warmup):

@@ -218,25 +218,46 @@ def _waits_for_the_device(func, args) -> bool:
     return func in _INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1])
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in an op's (nested) arguments or results."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
 class OpLog(TorchDispatchMode):
     """Record the ATen ops that run inside the block, in order.
 
     ``host_syncs`` lists those that make the host wait for a device's values. On CPU
     nothing waits, but the same ops on CUDA stall the host and drain the queue of launched
     kernels. (``tensor.tolist()`` and ``.cpu()`` also wait on CUDA; on CPU they issue no
-    op this mode can see.)
+    op this mode can see.) ``dtypes`` holds each op's name with the dtypes of the tensors
+    it took and made. (torch 2.13 has no public home for ``TorchDispatchMode``; only
+    ``torch.utils._python_dispatch``, which tests alone use.)
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[object] = []
         self.host_syncs: list[str] = []
+        self.dtypes: dict[str, set[torch.dtype]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func)
         if _waits_for_the_device(func, args):
             self.host_syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        seen = self.dtypes.setdefault(str(func), set())
+        seen.update(t.dtype for t in _tensors((args, kwargs, out)))
+        return out
+
+    def ops_with(self, dtype: torch.dtype) -> list[str]:
+        """The ops that took or made a tensor of ``dtype``."""
+        return sorted(op for op, dtypes in self.dtypes.items() if dtype in dtypes)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from fraglm import checkpoint as ckpt
 from fraglm.batches import WindowSampler, answer_target_mask
 from fraglm.config import END, ModelConfig, TokenizerConfig, load_config
 from fraglm.data import tokenize
-from fraglm.device import resolve_precision
+from fraglm.device import Precision
 from fraglm.evaluation import bits_per_byte, evaluate, evaluate_run
 from fraglm.model import Transformer
 from fraglm.run import load_run
@@ -22,6 +22,7 @@ from fraglm.tokenizer import decode, token_byte_lengths, train_tokenizer, vocab_
 from fraglm.train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FP32 = Precision("fp32", torch.float32, use_scaler=False)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,7 @@ def test_bits_per_byte_equals_a_hand_computation(qa_documents):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2), vocab_size(tokenizer))
     starts, cpu = np.array([0]), torch.device("cpu")
-    loss, count = evaluate(
-        model, sampler, starts, batch_size=1, precision=resolve_precision("fp32", cpu), device=cpu
-    )
+    loss, count = evaluate(model, sampler, starts, batch_size=1, precision=FP32, device=cpu)
     n_bytes = sampler.counted_target_bytes(starts, token_byte_lengths(tokenizer))
     assert n_bytes == len(document.encode("utf-8")) - len("<|Q|>")
     with torch.no_grad():
@@ -144,10 +143,7 @@ def test_evaluation_waits_for_the_device_once(op_log):
     starts = sampler.eval_starts(12)
     device = torch.device("cpu")
     with op_log() as log:
-        loss, count = evaluate(
-            model, sampler, starts, batch_size=4, precision=resolve_precision("fp32", device),
-            device=device,
-        )  # fmt: skip
+        loss, count = evaluate(model, sampler, starts, batch_size=4, precision=FP32, device=device)
     assert log.host_syncs == ["aten._local_scalar_dense.default"]
     assert count == sampler.counted_targets(starts) and 0 < count < 12 * 16
     assert math.isfinite(loss)

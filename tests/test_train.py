@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,14 @@ def test_loss_falls_from_chance(tokenized, tmp_path):
     assert final < initial - 1.0, (initial, final)
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 80 and sum(losses[-10:]) < sum(losses[:10]) - 5.0
+
+
+def test_the_model_runs_the_plans_attention_and_the_run_keeps_the_configs(tokenized, tmp_path):
+    trainer = Trainer(make_config(tokenized, tmp_path / "run"))
+    trainer.close()
+    assert trainer.plan.attention == "torch" and trainer.model.cfg.fragment_impl == "torch"
+    saved = yaml.safe_load((tmp_path / "run" / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    assert trainer.cfg.model.fragment_impl == saved["model"]["fragment_impl"] == "auto"
 
 
 @pytest.mark.parametrize("backend", ["fragment", "sdpa"])
@@ -452,7 +461,10 @@ def p100_precision(monkeypatch):
     """The P100's path, fp16 autocast + GradScaler, on the CPU (which runs it, slowly; the
     trainer refuses fp16 on a CPU only because it is no use there)."""
     fp16 = Precision("fp16", torch.float16, use_scaler=True)
-    monkeypatch.setattr(train_module, "resolve_precision", lambda name, device: fp16)
+    cpu_plan = train_module.plan_device
+    monkeypatch.setattr(
+        train_module, "plan_device", lambda *args: replace(cpu_plan(*args), precision=fp16)
+    )
 
 
 def test_resume_with_grad_scaler_continues_bit_identically(tokenized, tmp_path, p100_precision):
