@@ -2,9 +2,10 @@
 
     python scripts/compile_check.py [--capability 8.0 ...] [--compact] [--workers N]
 
-Prints a markdown table (kernel, capability, dtype, BLOCK_D, documents, output dtype,
-tiles/warps/stages, registers, spills, shared memory against the per-block limit, tensor
-cores, cp.async copies, verdict) and a summary line; see
+Prints a markdown table, a row per compile as it finishes (kernel, capability, dtype,
+BLOCK_D, documents, tiles/warps/stages, registers, spills, shared memory against the
+per-block limit, tensor cores, cp.async copies, verdict; with ``--compact`` one row per
+kernel, capability, dtype and BLOCK_D, at the end) and a summary line; see
 :mod:`fraglm.attention.compile_check`. Exits 1 when a configuration that
 ``triton_proven`` covers fails: it does not compile, exceeds shared memory, or runs its
 products without tensor cores. Spills are reported, not fatal.
@@ -38,10 +39,17 @@ def main() -> int:
     args = parser.parse_args()
     caps = tuple(args.capability or compile_check.CAPABILITIES)
     start = time.perf_counter()
-    results = compile_check.run(compile_check.configs(caps), workers=args.workers)
-    print(compile_check.table(results, compact=args.compact))
+    results = []
+    if not args.compact:
+        print(compile_check.HEADER)
+    for result in compile_check.compile_all(compile_check.configs(caps), args.workers):
+        results.append(result)
+        if not args.compact:
+            print(compile_check.row(result), flush=True)
+    if args.compact:
+        print(compile_check.table(results, compact=True))
     print()
-    print(f"{compile_check.summary(results)} ({time.perf_counter() - start:.0f} s, "
+    print(f"- {compile_check.summary(results)} ({time.perf_counter() - start:.0f} s, "
           f"{args.workers} workers)")  # fmt: skip
     return 0 if all(r.passed for r in results if r.config.proven) else 1
 

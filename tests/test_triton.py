@@ -5,8 +5,9 @@ The interpreter must be chosen before triton is imported (``TRITON_INTERPRET=1``
 in a test session something else may have imported it already. So on a machine without
 CUDA, :func:`test_under_the_interpreter` runs this module again in a fresh process with
 the variable set, and the other tests here skip in the parent process: nothing leaks
-into the rest of the suite. Shapes are small (the interpreter runs each program in numpy)
-and fragments 16 tokens.
+into the rest of the suite. Shapes are small (the interpreter runs each program in numpy),
+and so are the interpreter's tiles (``tile_config``: 16 to 32 rows, not square, so that
+the query and key tilings differ).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import re
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,10 +215,12 @@ def _fresh_cache() -> None:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fraglm-compile-check-")
 
 
-def run(configs_: list[Config], workers: int = 2) -> list[Result]:
-    """Compile every configuration in ``workers`` processes, each with an empty cache."""
+def compile_all(configs_: list[Config], workers: int = 2) -> Iterator[Result]:
+    """Compile every configuration in ``workers`` processes, each with an empty cache;
+    the results in the order of ``configs_``, each as soon as it and those before it are
+    done."""
     with ProcessPoolExecutor(workers, initializer=_fresh_cache) as pool:
-        return list(pool.map(compile_one, configs_, chunksize=4))
+        yield from pool.map(compile_one, configs_)
 
 
 def _span(values: list) -> str:
@@ -262,19 +265,21 @@ HEADER = (
 )
 
 
+def row(result: Result) -> str:
+    """``result`` as a row of :data:`HEADER`'s table."""
+    return _row([result], "yes" if result.config.docs else "no")
+
+
 def table(results: list[Result], *, compact: bool = False) -> str:
     """A markdown table of ``results``, one row per compile, or with ``compact`` one row
     per kernel, capability, dtype and BLOCK_D (ranges over with and without documents)."""
-    rows = [HEADER]
-    if compact:
-        groups: dict[tuple, list[Result]] = {}
-        for r in results:
-            c = r.config
-            groups.setdefault((c.kernel, c.capability, str(c.dtype), c.head_block), []).append(r)
-        rows += [_row(group, "both") for group in groups.values()]
-    else:
-        rows += [_row([r], "yes" if r.config.docs else "no") for r in results]
-    return "\n".join(rows)
+    if not compact:
+        return "\n".join([HEADER, *map(row, results)])
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        c = r.config
+        groups.setdefault((c.kernel, c.capability, str(c.dtype), c.head_block), []).append(r)
+    return "\n".join([HEADER, *(_row(group, "both") for group in groups.values())])
 
 
 def summary(results: list[Result]) -> str:

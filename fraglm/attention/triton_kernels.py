@@ -29,10 +29,11 @@ transpose through shared memory::
     P^T = exp2(S^T - LSE2^T)     dV_j += P^T dO_i     dP^T = V_j dO_i^T
     dS^T = P^T * (dP^T - D^T)    dK_j += scale * dS^T Q_i
 
-Tiles: each program walks its range of blocks in three loops, masked / unmasked /
-masked, each a straight-line body whose loads are pipelined. A causal tile wholly in the
-future is never visited; only tiles that cross the diagonal or the sequence end need the
-causal and bounds mask. With document ids, :func:`~fraglm.attention.documents.meeting_ranges`
+Tiles: each program splits its range of blocks of the other side into masked / unmasked
+/ masked parts and walks them in two loops (the unmasked part, then both masked parts),
+each a straight-line body whose loads are pipelined. A causal tile wholly in the future
+is never visited; only tiles that cross the diagonal or the sequence end need the causal
+and bounds mask. With document ids, :func:`~fraglm.attention.documents.meeting_ranges`
 (computed on the device, no host sync) gives each block the first and last block of the
 other side it can meet, and the run of blocks that, like it, hold one same document and
 no padding: the loops cover only the meeting range and leave the id mask out only in that
@@ -40,6 +41,10 @@ run. Tile sizes, warps and stages come from :func:`tile_config`, per kernel, cap
 dtype and head dim; results do not depend on them. All statistics and accumulators are
 fp32; ``tl.dot`` takes fp16/bf16 operands (tensor cores) and fp32 operands at full
 precision (``ieee``, not tf32).
+
+Causal masking and fp32 outputs (the block routines') are runtime arguments, documents
+and tiles compile-time ones: each kernel compiles once per dtype, head block and
+documents-or-not.
 
 Offsets: batch and head bases and each tile's first row are 64-bit, so tensors of more
 than 2**31 elements address correctly; offsets inside a tile stay 32-bit. The grid is
