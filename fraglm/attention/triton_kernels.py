@@ -274,7 +274,7 @@ def _fwd_kernel(
     last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
     lo, a, b_, n_before, n_after = _tile_loops(
-        0 * hi, hi, 0 * hi, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
+        0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
     )
     for start_n in range(a, b_, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
@@ -500,7 +500,7 @@ def _dq_kernel(
     last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
     lo, a, b_, n_before, n_after = _tile_loops(
-        0 * hi, hi, 0 * hi, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
+        0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
     )
     for start_n in range(a, b_, BLOCK_N):
         dq = _dq_tile(
