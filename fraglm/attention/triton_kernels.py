@@ -121,6 +121,8 @@ _GPU_TILES = {
     ("dq", 64): Tiles(128, 32, 8, 3),
     ("dq", 128): Tiles(64, 32, 4, 3),
 }
+# 8.6 and 8.9: ptxas spills dK/dV with 8.0's tiles there (compile check), these do not
+_SM86_TILES = {("dkdv", 64): Tiles(16, 128, 8, 2), ("dkdv", 128): Tiles(16, 64, 8, 3)}
 
 
 def head_block(head_dim: int) -> int:
@@ -134,12 +136,16 @@ def tile_config(
     """The tiles, warps and stages ``kernel`` (one of :data:`KERNELS`) launches with on a
     GPU of ``capability`` (None: the interpreter) for ``dtype`` operands of ``head_dim``.
     What the compile check (:mod:`fraglm.attention.compile_check`) checks is what runs:
-    both call this. Results never depend on it."""
+    both call this. Results never depend on it. ``dtype`` selects nothing yet: fp16 and
+    bf16 compile alike, and fp32 (not proven, no tensor cores) takes the same tiles."""
     if capability is None:
         return _INTERPRETER_TILES[kernel]
     if kernel == "delta":
         return Tiles(64, 0, 4, 1)
-    return _GPU_TILES[kernel, head_block(head_dim)]
+    key = (kernel, head_block(head_dim))
+    if tuple(capability) in ((8, 6), (8, 9)) and key in _SM86_TILES:
+        return _SM86_TILES[key]
+    return _GPU_TILES[key]
 
 
 @triton.jit
@@ -273,9 +279,7 @@ def _fwd_kernel(
     first_q = q_start + start_m
     last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
-    lo, a, b_, n_before, n_after = _tile_loops(
-        0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
-    )
+    lo, a, b_, n_before, n_after = _tile_loops(0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS)
     for start_n in range(a, b_, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, rows,
@@ -499,9 +503,7 @@ def _dq_kernel(
     first_q = q_start + start_m
     last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
     hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
-    lo, a, b_, n_before, n_after = _tile_loops(
-        0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS
-    )
+    lo, a, b_, n_before, n_after = _tile_loops(0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS)
     for start_n in range(a, b_, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, rows,
