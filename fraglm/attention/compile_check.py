@@ -43,6 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from fraglm.attention import triton_kernels as tk
+from fraglm.attention.triton_op import triton_proven
 
 CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,8 +76,6 @@ class Config:
 
     @property
     def proven(self) -> bool:
-        from fraglm.attention.triton_op import triton_proven
-
         return triton_proven(self.capability, self.dtype, self.head_block)
 
 
@@ -130,8 +133,6 @@ def aligned_args(arg_names: list[str]) -> dict[tuple[int], list[list]]:
 
 
 def _signature(config: Config) -> tuple[object, dict[str, str], dict[str, object], dict]:
-    from fraglm.attention import triton_kernels as tk
-
     fn = {"fwd": tk._fwd_kernel, "delta": tk._delta_kernel, "dkdv": tk._dkdv_kernel,
           "dq": tk._dq_kernel}[config.kernel]  # fmt: skip
     tiles = tk.tile_config(config.kernel, config.capability, config.dtype, config.head_block)
@@ -157,8 +158,6 @@ def _signature(config: Config) -> tuple[object, dict[str, str], dict[str, object
 
 
 def _cuobjdump() -> Path:
-    import triton
-
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -179,9 +178,6 @@ def _cubin_facts(cubin: bytes) -> tuple[int, int, int, int]:
 
 def compile_one(config: Config) -> Result:
     """Compile ``config`` for its target and read the facts of the module docstring."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     fn, signature, constexprs, options = _signature(config)
     tiles = (constexprs["BLOCK_M"], constexprs.get("BLOCK_N", 0), options["num_warps"],
              options["num_stages"])  # fmt: skip
