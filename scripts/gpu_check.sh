@@ -12,7 +12,9 @@
 # before its limit stays in the report. The report is one markdown file in REPORT_DIR
 # (default: $OUT if set, else runs/gpu_check), whose path is printed at the start and end.
 #
-# On a machine without CUDA it says so and runs the Triton kernels' interpreter tests.
+# First, on a CUDA machine, the ahead-of-time compile check (scripts/compile_check.py) for
+# the GPU's capability. On a machine without CUDA it says so and runs the compile check for
+# every capability and the Triton kernels' interpreter tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,7 +81,8 @@ EOF
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: no CUDA GPU here; running the Triton kernels through the interpreter only"
-  echo "No CUDA GPU on this machine: the interpreter tests only." >>"$report"
+  echo "No CUDA GPU on this machine: the compile check and the interpreter tests only." >>"$report"
+  run 240 "Ahead-of-time compile check, every capability" python scripts/compile_check.py
   run 300 "Triton kernels through the interpreter" env TRITON_INTERPRET=1 \
     python -m pytest -q -p no:cacheprovider tests/test_triton.py
   run 120 "Ring attention on the Triton kernels" \
@@ -89,6 +92,17 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
 fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$report" 2>&1
+
+# the kernels compiled ahead of time for this GPU's capability: what the GPU would load
+cap=$(python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+if python -c "import sys; from fraglm.attention.compile_check import CAPABILITIES as C; \
+sys.exit(0 if tuple(map(int, '$cap'.split('.'))) in C else 1)"; then
+  run 90 "Ahead-of-time compile check, capability $cap" python scripts/compile_check.py \
+    --capability "$cap"
+else
+  section "Ahead-of-time compile check"
+  echo "capability $cap is not among the compile check's targets (8.0, 8.6, 8.9, 9.0)" >>"$report"
+fi
 
 run 120 "CUDA tests" python -m pytest -q -p no:cacheprovider \
   tests/test_cuda.py tests/test_triton.py

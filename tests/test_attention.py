@@ -19,6 +19,7 @@ from fraglm.attention import (
     naive_attention,
     sdpa_attention,
 )
+from fraglm.attention.documents import meeting_ranges
 from fraglm.attention.fragment import _plan
 from fraglm.errors import FraglmError
 
@@ -459,3 +460,31 @@ def test_sdpa_takes_grouped_heads_as_they_are_and_a_decode_step_builds_no_mask(n
         got = sdpa_attention(q, k, v)
     assert len(log.ops) == 1 and "scaled_dot_product" in str(log.ops[0])  # no mask, no repeat
     assert rel_err(got, naive_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("sorted_ids", [True, False])
+@pytest.mark.parametrize(("row_block", "col_block"), [(4, 8), (8, 4), (16, 16)])
+def test_meeting_ranges(sorted_ids: bool, row_block: int, col_block: int) -> None:
+    """Every column block that shares a document with a row block lies in its meeting range
+    and every block of its inner run holds the row block's one document, without padding;
+    with sorted ids, every such one-document column block is in the inner run."""
+    gen = torch.Generator().manual_seed(row_block * col_block + sorted_ids)
+    for _ in range(20):
+        n_r, n_c = (int(n) for n in torch.randint(1, 60, (2,), generator=gen))
+        row_doc, col_doc = (torch.randint(-1, 4, (2, n), generator=gen) for n in (n_r, n_c))
+        if sorted_ids:
+            row_doc, col_doc = row_doc.sort(1).values, col_doc.sort(1).values
+        ranges = meeting_ranges(row_doc, row_block, col_doc, col_block)
+        for b in range(2):
+            for i, (first, last, inner, inner_last) in enumerate(ranges[b].tolist()):
+                rows = row_doc[b, i * row_block : (i + 1) * row_block]
+                one = len(rows) == row_block and bool((rows == rows[0]).all()) and rows[0] >= 0
+                for j in range(-(-n_c // col_block)):
+                    cols = col_doc[b, j * col_block : (j + 1) * col_block]
+                    if ((rows[:, None] == cols[None, :]) & (rows[:, None] >= 0)).any():
+                        assert first <= j <= last
+                    same = one and len(cols) == col_block and bool((cols == rows[0]).all())
+                    if inner <= j <= inner_last:
+                        assert same
+                    elif sorted_ids:
+                        assert not same

@@ -5,8 +5,9 @@ The interpreter must be chosen before triton is imported (``TRITON_INTERPRET=1``
 in a test session something else may have imported it already. So on a machine without
 CUDA, :func:`test_under_the_interpreter` runs this module again in a fresh process with
 the variable set, and the other tests here skip in the parent process: nothing leaks
-into the rest of the suite. Shapes are small (the interpreter runs each program in numpy)
-and fragments 16 tokens.
+into the rest of the suite. Shapes are small (the interpreter runs each program in numpy),
+and so are the interpreter's tiles (``tile_config``: 16 to 32 rows, not square, so that
+the query and key tilings differ).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def test_lse_gradient() -> None:
     case = Case(batch=1, heads=2, kv_heads=2, n_q=20, n_k=20, dim=16)
     q, k, v, _, _ = inputs(case, torch.float64)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    _, lse = torch.ops.fraglm.fragment_fwd(q32, k32, v32, None, None, True, 16, 0.25, 0, 0, False)
+    _, lse = torch.ops.fraglm.fragment_fwd(q32, k32, v32, None, None, True, 0.25, 0, 0, False)
     got = torch.autograd.grad(lse.sum(), (q32, k32, v32))
     qd, kd = q.requires_grad_(), k.requires_grad_()
     scores = (qd @ kd.transpose(-1, -2) * 0.25).masked_fill(
@@ -161,7 +162,7 @@ def test_custom_op_registration() -> None:
     # laid out (B, T, H, D) and transposed, as the model passes them
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     q_start = k.shape[2] - q.shape[2]
-    args = (q, k, v, docs[:, q_start:], docs, True, 16, 0.3, q_start, 0, False)
+    args = (q, k, v, docs[:, q_start:], docs, True, 0.3, q_start, 0, False)
     torch.library.opcheck(torch.ops.fraglm.fragment_fwd.default, args)
 
 
@@ -178,3 +179,33 @@ def test_compiled_graph_has_no_breaks() -> None:
     want = run(attend, q, k, v, dout)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def _long_documents(kind: str, length: int) -> torch.Tensor:
+    """(2, length) ids whose documents span several kernel blocks: sorted with padding,
+    a document that comes back after another (non-monotone) and random ids."""
+    gen = torch.Generator().manual_seed(1)
+    if kind == "sorted":
+        row = torch.tensor([0] * 70 + [1] * 50 + [2] * (length - 123) + [-1] * 3)
+        return torch.stack([row, row.roll(40).sort().values])
+    if kind == "non-monotone":
+        row = torch.tensor(([0] * 40 + [1] * 40) * (length // 80) + [0] * (length % 80))
+        return torch.stack([row, torch.randint(-1, 3, (length,), generator=gen)])
+    return torch.randint(-1, 2, (2, length), generator=gen)
+
+
+@here
+@pytest.mark.parametrize("kind", ["sorted", "non-monotone", "random"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_documents_spanning_blocks(kind: str, causal: bool) -> None:
+    """Documents longer than the kernels' blocks, so that blocks meet ranges with tiles that
+    skip the id mask (a run of one-document blocks) next to masked ones, and ids that
+    return after another document (ranges that must stay conservative)."""
+    case = Case(batch=2, heads=2, kv_heads=1, n_q=160, n_k=160, dim=16, causal=causal)
+    q, k, v, dout, _ = inputs(case, torch.float32)
+    docs = _long_documents(kind, case.n_k).to(DEVICE)
+    kw = {"causal": causal, "doc_ids": docs}
+    got = run(fragment_attention, q, k, v, dout, impl="triton", **kw)
+    want = run(naive_attention, *(t.double() for t in (q, k, v, dout)), **kw)
+    for g, w, what in zip(got, want, ("out", "dq", "dk", "dv"), strict=True):
+        assert rel_err(g, w) < 1e-4, what

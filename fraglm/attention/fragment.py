@@ -70,7 +70,7 @@ from torch import Tensor
 
 from fraglm.attention.documents import fragment_doc_ranges
 from fraglm.attention.reference import sdpa_attention
-from fraglm.attention.triton_op import block_size, resolve_impl
+from fraglm.attention.triton_op import resolve_impl
 
 __all__ = [
     "FragmentAttention",
@@ -332,9 +332,8 @@ def fragment_forward(
     _check(q, k, v)
     if resolve_impl(impl, q) == "triton":
         k, v = k.to(q.dtype), v.to(q.dtype)
-        block = block_size(fragment_size, q.shape[-1], q.dtype)
         return torch.ops.fraglm.fragment_fwd(
-            q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, True
+            q, k, v, q_doc, k_doc, causal, scale, q_start, k_start, True
         )
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -440,9 +439,8 @@ def fragment_backward(
     _check(q, k, v)
     if resolve_impl(impl, q) == "triton":
         k, v, dout = k.to(q.dtype), v.to(q.dtype), dout.to(q.dtype)
-        block = block_size(fragment_size, q.shape[-1], q.dtype)
         return torch.ops.fraglm.fragment_bwd(
-            q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, True
+            q, k, v, dout, lse, delta, q_doc, k_doc, causal, scale, q_start, k_start, True
         )
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -601,9 +599,11 @@ def fragment_attention(
 
     ``impl``: ``"triton"`` runs the fused Triton kernels
     (:mod:`fraglm.attention.triton_kernels`, a ``torch.library`` custom op that
-    ``torch.compile`` captures), ``"torch"`` the tile loop of this module, ``"auto"``
-    Triton on CUDA GPUs Triton supports (compute capability 7.0+) and the tile loop
-    elsewhere (P100, CPU, MPS). See :func:`fraglm.attention.triton_op.resolve_impl`.
+    ``torch.compile`` captures; their tiles come from ``tile_config``, per GPU, dtype and
+    head dim, not from ``fragment_size``), ``"torch"`` the tile loop of this module,
+    ``"auto"`` Triton where the compile check proves it (capability 8.0+, fp16/bf16) and
+    the tile loop elsewhere (P100, V100, T4, fp32, CPU, MPS). See
+    :func:`fraglm.attention.triton_op.resolve_impl`.
     """
     _check(q, k, v)
     if q.shape[2] > k.shape[2]:
@@ -622,9 +622,8 @@ def fragment_attention(
         return sdpa_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     if use_triton:
         q_doc, k_doc = _split_docs(doc_ids, q.shape[2])
-        block = block_size(fragment_size, q.shape[-1], q.dtype)
         out, _ = torch.ops.fraglm.fragment_fwd(
-            q, k.to(q.dtype), v.to(q.dtype), q_doc, k_doc, causal, block, scale,
+            q, k.to(q.dtype), v.to(q.dtype), q_doc, k_doc, causal, scale,
             k.shape[2] - q.shape[2], 0, False,
         )  # fmt: skip
         return out

@@ -22,13 +22,33 @@ log-sum-exp itself has a gradient)::
 The key-block program loops over every query head of its key head's group, so
 grouped-query attention sums ``dK``/``dV`` in registers: no K/V copies and no atomics.
 
-Tiles: a causal tile wholly in the future is never visited (the loops stop at the
-diagonal) and only tiles that cross the diagonal or the sequence end are masked. With
-document ids, each block's min and max non-padding id (:func:`block_doc_ranges`, computed
-on the device, no host sync) decide: a tile whose ranges cannot meet is skipped, the
-others are masked by id (a load of one id per key and a compare, next to the tile's two
-matrix products). All statistics and accumulators are fp32; ``tl.dot`` takes fp16/bf16
-operands (tensor cores) and fp32 operands at full precision (``ieee``, not tf32).
+The dK/dV program computes the transposed tile directly, ``S^T = c * K_j Q_i^T`` from a
+transposed load of ``Q_i``, so ``P^T`` and ``dS^T`` enter their products without a
+transpose through shared memory::
+
+    P^T = exp2(S^T - LSE2^T)     dV_j += P^T dO_i     dP^T = V_j dO_i^T
+    dS^T = P^T * (dP^T - D^T)    dK_j += scale * dS^T Q_i
+
+Tiles: each program splits its range of blocks of the other side into masked / unmasked
+/ masked parts and walks them in two loops (the unmasked part, then both masked parts),
+each a straight-line body whose loads are pipelined. A causal tile wholly in the future
+is never visited; only tiles that cross the diagonal or the sequence end need the causal
+and bounds mask. With document ids, :func:`~fraglm.attention.documents.meeting_ranges`
+(computed on the device, no host sync) gives each block the first and last block of the
+other side it can meet, and the run of blocks that, like it, hold one same document and
+no padding: the loops cover only the meeting range and leave the id mask out only in that
+run. Tile sizes, warps and stages come from :func:`tile_config`, per kernel, capability,
+dtype and head dim; results do not depend on them. All statistics and accumulators are
+fp32; ``tl.dot`` takes fp16/bf16 operands (tensor cores) and fp32 operands at full
+precision (``ieee``, not tf32).
+
+Causal masking and fp32 outputs (the block routines') are runtime arguments, documents
+and tiles compile-time ones: each kernel compiles once per dtype, head block and
+documents-or-not.
+
+Offsets: batch and head bases and each tile's first row are 64-bit, so tensors of more
+than 2**31 elements address correctly; offsets inside a tile stay 32-bit. The grid is
+one axis of ``blocks x batch x heads`` programs (up to 2**31 - 1).
 
 Queries are the positions ``q_start ...`` and keys ``k_start ...``: a key is visible iff
 its position is <= the query's (when causal) and both carry the same non-negative
@@ -42,69 +62,176 @@ tensors (:data:`INTERPRETED`).
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fraglm.attention.documents import fragment_doc_ranges
+from fraglm.attention.documents import meeting_ranges
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+def _interpreted() -> bool:
+    """Whether triton runs its interpreter (``triton.knobs`` where it exists, 3.4+)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+INTERPRETED = _interpreted()
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
+
+KERNELS = ("fwd", "delta", "dkdv", "dq")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel's launch shape: query rows and keys per tile, warps, pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Triton's interpreter (CPU tensors) runs each program in numpy: small, non-square tiles
+_INTERPRETER_TILES = {
+    "fwd": Tiles(32, 16, 1, 1),
+    "delta": Tiles(32, 0, 1, 1),
+    "dkdv": Tiles(16, 32, 1, 1),
+    "dq": Tiles(32, 16, 1, 1),
+}
+# (kernel, BLOCK_D) -> tiles on capability 8.0+; see docs/benchmarks.md (compile check)
+_GPU_TILES = {
+    ("fwd", 16): Tiles(128, 64, 4, 3),
+    ("fwd", 32): Tiles(128, 64, 4, 3),
+    ("fwd", 64): Tiles(128, 64, 8, 3),
+    ("fwd", 128): Tiles(128, 32, 8, 3),
+    ("dkdv", 16): Tiles(32, 128, 4, 3),
+    ("dkdv", 32): Tiles(32, 128, 8, 2),
+    ("dkdv", 64): Tiles(16, 128, 8, 3),
+    ("dkdv", 128): Tiles(16, 128, 8, 2),
+    ("dq", 16): Tiles(128, 32, 4, 3),
+    ("dq", 32): Tiles(128, 32, 4, 3),
+    ("dq", 64): Tiles(128, 32, 8, 3),
+    ("dq", 128): Tiles(64, 32, 4, 3),
+}
+# 8.6 and 8.9: ptxas spills dK/dV with 8.0's tiles there (compile check), these do not
+_SM86_TILES = {("dkdv", 64): Tiles(16, 128, 8, 2), ("dkdv", 128): Tiles(16, 64, 8, 3)}
+
+
+def head_block(head_dim: int) -> int:
+    """The kernels' BLOCK_D: the head dim rounded up to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_config(
+    kernel: str, capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int
+) -> Tiles:
+    """The tiles, warps and stages ``kernel`` (one of :data:`KERNELS`) launches with on a
+    GPU of ``capability`` (None: the interpreter) for ``dtype`` operands of ``head_dim``.
+    What the compile check (:mod:`fraglm.attention.compile_check`) checks is what runs:
+    both call this. Results never depend on it. ``dtype`` selects nothing yet: fp16 and
+    bf16 compile alike, and fp32 (not proven, no tensor cores) takes the same tiles."""
+    if capability is None:
+        return _INTERPRETER_TILES[kernel]
+    if kernel == "delta":
+        return Tiles(64, 0, 4, 1)
+    key = (kernel, head_block(head_dim))
+    if tuple(capability) in ((8, 6), (8, 9)) and key in _SM86_TILES:
+        return _SM86_TILES[key]
+    return _GPU_TILES[key]
 
 
 @triton.jit
-def _visible(
-    offs_m, offs_n, start_n, n_q, n_k, q_start, k_start, qd, KDOC, k_doc_stride,
-    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-):  # fmt: skip
-    """(BM, BN) visibility of a tile: in bounds, causal, same document."""
-    cols = start_n + offs_n
-    vis = (offs_m[:, None] < n_q) & (cols[None, :] < n_k)
-    if CAUSAL:
-        vis &= (k_start + cols)[None, :] <= (q_start + offs_m)[:, None]
+def _ids(DOC, idx, n):
+    """Document ids at ``idx`` (any shape), -1 (padding) past ``n``."""
+    return tl.load(DOC + idx, mask=idx < n, other=-1)
+
+
+@triton.jit
+def _store(OUT, OUT32, offsets, value, mask, fp32):
+    """Store ``value`` at ``OUT + offsets`` in OUT's dtype, or at ``OUT32 + offsets`` in
+    fp32 when ``fp32`` is nonzero (the block routines): one compiled kernel for both."""
+    if fp32 != 0:
+        tl.store(OUT32 + offsets, value, mask=mask)
+    else:
+        tl.store(OUT + offsets, value.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(q_idx, k_idx, n_q, n_k, q_start, k_start, causal, qd, kd, HAS_DOCS: tl.constexpr):
+    """Visibility of queries ``q_idx`` (ids ``qd``) to keys ``k_idx`` (ids ``kd``), one
+    side a column and the other a row: in bounds, causal (when ``causal`` is nonzero),
+    same non-negative document."""
+    vis = (q_idx < n_q) & (k_idx < n_k)
+    vis &= ((k_start + k_idx) <= (q_start + q_idx)) | (causal == 0)
     if HAS_DOCS:
-        kd = tl.load(KDOC + cols * k_doc_stride, mask=cols < n_k, other=-1)
-        vis &= (qd[:, None] == kd[None, :]) & (qd[:, None] >= 0)
+        vis &= (qd == kd) & (qd >= 0)
     return vis
 
 
 @triton.jit
-def _tiles_meet(QLO, QHI, KLO, KHI, qb, kb):
-    """Whether the document id ranges of query block ``qb`` and key block ``kb`` meet."""
-    return (tl.load(QLO + qb) <= tl.load(KHI + kb)) & (tl.load(KLO + kb) <= tl.load(QHI + qb))
+def _tile_loops(lo, hi, u_lo, u_hi, RANGES, blk, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Split a block's range ``[lo, hi)`` of the other side (in ``BLOCK`` steps) into
+    masked ``[lo, a)``, unmasked ``[a, b)`` and masked ``[b, hi)``, where ``[u_lo, u_hi)``
+    needs no causal or bounds mask. With documents the range narrows to the block's
+    meeting range and the unmasked part to its one-document run (``RANGES[blk]``).
+    Returns ``lo, a, b`` and the tile counts of the two masked parts."""
+    if HAS_DOCS:
+        r = RANGES + blk * 4
+        lo = tl.maximum(lo, tl.load(r) * BLOCK)
+        hi = tl.minimum(hi, (tl.load(r + 1) + 1) * BLOCK)
+        u_lo = tl.maximum(u_lo, tl.load(r + 2) * BLOCK)
+        u_hi = tl.minimum(u_hi, (tl.load(r + 3) + 1) * BLOCK)
+    a = tl.minimum(tl.maximum(u_lo, lo), hi)
+    b = tl.maximum(tl.minimum(u_hi, hi), a)
+    n_before = tl.cdiv(tl.maximum(a - lo, 0), BLOCK)
+    return lo, a, b, n_before, tl.cdiv(tl.maximum(hi - b, 0), BLOCK)
 
 
 @triton.jit
-def _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Key range ``[0, hi)`` of a query block and the end of its unmasked full blocks."""
-    if CAUSAL:
-        hi = tl.minimum(n_k, tl.maximum(last_q - k_start + 1, 0))
-        full = tl.maximum(first_q - k_start + 1, 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_k
-        full = n_k // BLOCK_N * BLOCK_N
-    return hi, tl.minimum(full, n_k // BLOCK_N * BLOCK_N)
+def _masked_start(i, lo, b, n_before, BLOCK: tl.constexpr):
+    """Start of masked tile ``i``: the ``[lo, a)`` part first, then the ``[b, hi)`` part,
+    one loop (one copy of the masked tile's code) for both."""
+    return tl.where(i < n_before, lo + i * BLOCK, b + (i - n_before) * BLOCK)
+
+
+@triton.jit
+def _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N: tl.constexpr):
+    """Key range ``[0, hi)`` of a query block and the end of its causally unmasked blocks."""
+    whole = n_k // BLOCK_N * BLOCK_N
+    hi = tl.where(causal != 0, tl.minimum(n_k, tl.maximum(last_q - k_start + 1, 0)), n_k)
+    full = tl.where(causal != 0, tl.maximum(first_q - k_start + 1, 0) // BLOCK_N * BLOCK_N, whole)
+    return hi, tl.minimum(full, whole)
 
 
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, k_t_stride, v_t_stride,
-    offs_m, n_q, n_k, q_start, k_start, qd, KDOC, k_doc_stride, head_dim, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t,
+    rows, n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
+    MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     cols = start_n + offs_n
     kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < head_dim)
-    k = tl.load(K + cols[:, None] * k_t_stride + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * v_t_stride + offs_d[None, :], mask=kv_mask, other=0.0)
+    row0 = tl.cast(start_n, tl.int64)
+    k_ptrs = K + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :]
+    v_ptrs = V + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
+        kd = cols[None, :]
+        if HAS_DOCS:
+            kd = _ids(KDOC, cols[None, :], n_k)
         vis = _visible(
-            offs_m, offs_n, start_n, n_q, n_k, q_start, k_start, qd, KDOC, k_doc_stride,
-            CAUSAL, HAS_DOCS,
+            rows[:, None], cols[None, :], n_q, n_k, q_start, k_start, causal, qd[:, None], kd,
+            HAS_DOCS,
         )  # fmt: skip
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -118,250 +245,217 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, QDOC, KDOC, QLO, QHI, KLO, KHI,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-    sqd_b, sqd_t, skd_b, skd_t,
-    n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, head_dim,
-    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, OUT, OUT32, LSE, QDOC, KDOC, RANGES,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t, sqd_b, skd_b,
+    n_bh, n_heads, group, n_q, n_k, q_start, k_start, causal, n_qb, qk_scale, head_dim,
+    out_fp32,
+    HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    """Forward of query block ``pid // n_bh`` of (batch, head) ``pid % n_bh``: the online
+    softmax of the module docstring over its key range; writes ``O_i`` and ``LSE_i``."""
+    pid = tl.program_id(0)
+    bh, pid_m = pid % n_bh, pid // n_bh
     b, h = bh // n_heads, bh % n_heads
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < head_dim)
-    q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    K += b * sk_b + hk * sk_h
-    V += b * sv_b + hk * sv_h
-    qd = offs_m
+    q_mask = (rows[:, None] < n_q) & (offs_d[None, :] < head_dim)
+    q_base = b64 * sq_b + h64 * sq_h + start_m.to(tl.int64) * sq_t
+    q = tl.load(Q + q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_mask, other=0.0)
+    K += b64 * sk_b + hk64 * sk_h
+    V += b64 * sv_b + hk64 * sv_h
+    qd = rows
     if HAS_DOCS:
-        qd = tl.load(QDOC + b * sqd_b + offs_m * sqd_t, mask=offs_m < n_q, other=-1)
-        KDOC += b * skd_b
-        QLO += b * n_qb
-        QHI += b * n_qb
-        KLO += b * n_kb
-        KHI += b * n_kb
+        qd = _ids(QDOC + b64 * sqd_b, rows, n_q)
+        KDOC += b64 * skd_b
+        RANGES += b64 * n_qb * 4
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first_q = q_start + pid_m * BLOCK_M
-    last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-    hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
-    # Full tiles need no causal or bounds mask; with documents, tiles whose id ranges
-    # cannot meet are skipped and the others masked. Without documents the loop body is
-    # straight-line code, so that its loads can be pipelined.
-    for start_n in range(0, full, BLOCK_N):
-        meet = True
-        if HAS_DOCS:
-            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
-        if meet:
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                HAS_DOCS, False, HAS_DOCS, PRECISION,
-            )  # fmt: skip
-    for start_n in range(full, hi, BLOCK_N):
-        meet = True
-        if HAS_DOCS:
-            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
-        if meet:
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                True, CAUSAL, HAS_DOCS, PRECISION,
-            )  # fmt: skip
+    first_q = q_start + start_m
+    last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
+    hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
+    lo, a, b_, n_before, n_after = _tile_loops(0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS)
+    for start_n in range(a, b_, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, K, V, start_n, offs_n, offs_d, sk_t, sv_t, rows,
+            n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
+            False, HAS_DOCS, PRECISION,
+        )  # fmt: skip
+    for i in range(0, n_before + n_after):
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, K, V, _masked_start(i, lo, b_, n_before, BLOCK_N), offs_n,
+            offs_d, sk_t, sv_t, rows, n_q, n_k, q_start, k_start, causal, qd, KDOC,
+            head_dim, qk_scale, True, HAS_DOCS, PRECISION,
+        )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    o_ptrs = OUT + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + bh * n_q + offs_m, lse, mask=offs_m < n_q)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    o_base = b64 * so_b + h64 * so_h + start_m.to(tl.int64) * so_t
+    _store(OUT, OUT32, o_base + offs_m[:, None] * so_t + offs_d[None, :], out, q_mask, out_fp32)
+    tl.store(LSE + bh.to(tl.int64) * n_q + rows, lse, mask=rows < n_q)
 
 
 @triton.jit
 def _delta_kernel(
-    OUT, DOUT, DELTA, so_b, so_h, so_t, sd_b, sd_h, sd_t, n_heads, n_q, head_dim,
+    OUT, DOUT, DELTA, so_b, so_h, so_t, sd_b, sd_h, sd_t, n_bh, n_heads, n_q, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``D = rowsum(dO * O)`` in fp32, the backward pass's pre-pass."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    bh, pid_m = pid % n_bh, pid // n_bh
+    b64, h64 = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < head_dim)
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-                mask=mask, other=0.0)  # fmt: skip
-    do = tl.load(DOUT + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_d[None, :],
-                 mask=mask, other=0.0)  # fmt: skip
+    mask = (rows[:, None] < n_q) & (offs_d[None, :] < head_dim)
+    o_base = b64 * so_b + h64 * so_h + start_m.to(tl.int64) * so_t
+    d_base = b64 * sd_b + h64 * sd_h + start_m.to(tl.int64) * sd_t
+    o = tl.load(OUT + o_base + offs_m[:, None] * so_t + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOUT + d_base + offs_m[:, None] * sd_t + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * n_q + offs_m, delta, mask=offs_m < n_q)
-
-
-@triton.jit
-def _probabilities(
-    q, k, lse2, offs_m, offs_n, start_n, n_q, n_k, q_start, k_start, qd, KDOC, k_doc_stride,
-    qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """P = exp2(S - LSE2) of a tile; 0 where hidden."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
-    if MASKED:
-        vis = _visible(
-            offs_m, offs_n, start_n, n_q, n_k, q_start, k_start, qd, KDOC, k_doc_stride,
-            CAUSAL, HAS_DOCS,
-        )  # fmt: skip
-        p = tl.where(vis, p, 0.0)
-    return p
+    tl.store(DELTA + bh.to(tl.int64) * n_q + rows, delta, mask=rows < n_q)
 
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, offs_n, offs_d, start_n,
-    n_q, n_k, q_start, k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, cols, offs_d,
+    n_q, n_k, q_start, k_start, causal, QDOC, kd, qk_scale, head_dim,
+    MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_q
-    q_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdo_t + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
-    qd = offs_m
-    if HAS_DOCS:
-        qd = tl.load(QDOC + offs_m * sqd_t, mask=row_ok, other=-1)
-    p = _probabilities(
-        q, k, lse2, offs_m, offs_n, start_n, n_q, n_k, q_start, k_start,
-        qd, KDOC, skd_t, qk_scale, MASKED, CAUSAL, HAS_DOCS, PRECISION,
-    )  # fmt: skip
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_step(
-    dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, offs_n, offs_d, start_n,
-    n_q, n_k, q_start, k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-    QLO, QHI, KLO, KHI, kb,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One query block of a key block's loop; skipped when the documents cannot meet."""
-    meet = True
-    if HAS_DOCS:
-        meet = _tiles_meet(QLO, QHI, KLO, KHI, start_m // BLOCK_M, kb)
-    if meet:
-        dk, dv = _dkdv_tile(
-            dk, dv, k, v, Q, DO, LSE, DELTA, start_m, sq_t, sdo_t, offs_n, offs_d, start_n,
-            n_q, n_k, q_start, k_start, QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim,
-            MASKED, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
-        )  # fmt: skip
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
+    row_ok = rows < n_q
+    row0 = tl.cast(start_m, tl.int64)
+    # Q_i^T (BLOCK_D, BLOCK_M) loaded transposed, dO_i (BLOCK_M, BLOCK_D)
+    qt_mask = row_ok[None, :] & (offs_d[:, None] < head_dim)
+    qt = tl.load(Q + row0 * sq_t + offs_m[None, :] * sq_t + offs_d[:, None], mask=qt_mask,
+                 other=0.0)  # fmt: skip
+    do_ptrs = DO + row0 * sdo_t + offs_m[:, None] * sdo_t + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse2[None, :])
+    if MASKED:
+        qd = rows[None, :]
+        if HAS_DOCS:
+            qd = _ids(QDOC, rows[None, :], n_q)
+        vis = _visible(
+            rows[None, :], cols[:, None], n_q, n_k, q_start, k_start, causal, qd, kd, HAS_DOCS
+        )
+        pt = tl.where(vis, pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, QDOC, KDOC, QLO, QHI, KLO, KHI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DK32, DV32, QDOC, KDOC, RANGES,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-    sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t, sqd_b, sqd_t, skd_b, skd_t,
-    n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, scale, head_dim,
-    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t, sqd_b, skd_b,
+    n_bh, n_heads, group, n_q, n_k, q_start, k_start, causal, n_kb, qk_scale, scale,
+    head_dim, out_fp32, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n, bhk = tl.program_id(0), tl.program_id(1)
+    """dK_j and dV_j of key block ``pid // n_bh`` of (batch, key head) ``pid % n_bh``,
+    summed over the query heads of its group and its range of query blocks."""
+    pid = tl.program_id(0)
+    bhk, pid_n = pid % n_bh, pid // n_bh
     kv_heads = n_heads // group
     b, hk = bhk // kv_heads, bhk % kv_heads
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < n_k) & (offs_d[None, :] < head_dim)
-    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
-    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
+    kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < head_dim)
+    row0 = tl.cast(start_n, tl.int64)
+    k_ptrs = K + b64 * sk_b + hk64 * sk_h + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :]
+    v_ptrs = V + b64 * sv_b + hk64 * sv_h + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    kd = cols[:, None]
     if HAS_DOCS:
-        QDOC += b * sqd_b
-        KDOC += b * skd_b
-        QLO += b * n_qb
-        QHI += b * n_qb
-        KLO += b * n_kb
-        KHI += b * n_kb
+        QDOC += b64 * sqd_b
+        kd = _ids(KDOC + b64 * skd_b, cols[:, None], n_k)
+        RANGES += b64 * n_kb * 4
     # Query blocks that see this key block: from the first one holding a query at or
-    # after its first key (when causal); unmasked once every query is past its last key.
-    if CAUSAL:
-        lo = tl.maximum(k_start + start_n - q_start, 0) // BLOCK_M * BLOCK_M
-        lo = tl.minimum(lo, n_q)
-        last_k = k_start + start_n + BLOCK_N - 1
-        full = tl.maximum(last_k - q_start + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.maximum(full, lo), n_q)
-    else:
-        lo = 0
-        full = 0
-    # unmasked tiles need whole blocks of keys and of queries
+    # after its first key (when causal); causally unmasked once every query is past its
+    # last key, and only while the key block and the query block are whole.
+    lo = tl.maximum(k_start + start_n - q_start, 0) // BLOCK_M * BLOCK_M
+    lo = tl.where(causal != 0, tl.minimum(lo, n_q), 0)
+    last_k = k_start + start_n + BLOCK_N - 1
+    full = tl.maximum(last_k - q_start + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+    full = tl.where(causal != 0, tl.minimum(tl.maximum(full, lo), n_q), 0)
     full_end = tl.where(start_n + BLOCK_N <= n_k, n_q // BLOCK_M * BLOCK_M, full)
     full_end = tl.maximum(full_end, full)
+    lo, a, b_, n_before, n_after = _tile_loops(
+        lo, n_q, full, full_end, RANGES, pid_n, BLOCK_M, HAS_DOCS
+    )
     for g in range(0, group):
-        h = hk * group + g
-        bh = b * n_heads + h
-        q_ptr = Q + b * sq_b + h * sq_h
-        do_ptr = DO + b * sdo_b + h * sdo_h
-        lse_ptr = LSE + bh * n_q
-        delta_ptr = DELTA + bh * n_q
-        # masked tiles at the diagonal, full tiles, then the last (partial) query block
-        for start_m in range(lo, full, BLOCK_M):
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
-                True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
+        h64 = hk64 * group + g
+        bh64 = b64 * n_heads + h64
+        q_ptr = Q + b64 * sq_b + h64 * sq_h
+        do_ptr = DO + b64 * sdo_b + h64 * sdo_h
+        lse_ptr = LSE + bh64 * n_q
+        delta_ptr = DELTA + bh64 * n_q
+        for start_m in range(a, b_, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t, cols,
+                offs_d, n_q, n_k, q_start, k_start, causal, QDOC, kd, qk_scale, head_dim,
+                False, HAS_DOCS, BLOCK_M, PRECISION,
             )  # fmt: skip
-        for start_m in range(full, full_end, BLOCK_M):
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
-                HAS_DOCS, False, HAS_DOCS, BLOCK_M, PRECISION,
-            )  # fmt: skip
-        for start_m in range(full_end, n_q, BLOCK_M):
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, sq_t, sdo_t,
-                tl.arange(0, BLOCK_N), offs_d, start_n, n_q, n_k, q_start, k_start,
-                QDOC, sqd_t, KDOC, skd_t, qk_scale, head_dim, QLO, QHI, KLO, KHI, pid_n,
-                True, CAUSAL, HAS_DOCS, BLOCK_M, PRECISION,
+        for i in range(0, n_before + n_after):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                _masked_start(i, lo, b_, n_before, BLOCK_M), sq_t, sdo_t, cols, offs_d,
+                n_q, n_k, q_start, k_start, causal, QDOC, kd, qk_scale, head_dim,
+                True, HAS_DOCS, BLOCK_M, PRECISION,
             )  # fmt: skip
     dk = dk * scale
-    tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    dk_base = b64 * sdk_b + hk64 * sdk_h + row0 * sdk_t
+    dv_base = b64 * sdv_b + hk64 * sdv_h + row0 * sdv_t
+    tile = offs_n[:, None] * sdk_t + offs_d[None, :]
+    _store(DK, DK32, dk_base + tile, dk, kv_mask, out_fp32)
+    _store(DV, DV32, dv_base + offs_n[:, None] * sdv_t + offs_d[None, :], dv, kv_mask, out_fp32)
 
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-    n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, rows,
+    n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
+    MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     cols = start_n + offs_n
     kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < head_dim)
-    k = tl.load(K + cols[:, None] * sk_t + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * sv_t + offs_d[None, :], mask=kv_mask, other=0.0)
-    p = _probabilities(
-        q, k, lse2, offs_m, offs_n, start_n, n_q, n_k, q_start, k_start, qd, KDOC, skd_t,
-        qk_scale, MASKED, CAUSAL, HAS_DOCS, PRECISION,
-    )  # fmt: skip
+    row0 = tl.cast(start_n, tl.int64)
+    k = tl.load(K + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :], mask=kv_mask,
+                other=0.0)  # fmt: skip
+    v = tl.load(V + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :], mask=kv_mask,
+                other=0.0)  # fmt: skip
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                     - lse2[:, None])  # fmt: skip
+    if MASKED:
+        kd = cols[None, :]
+        if HAS_DOCS:
+            kd = _ids(KDOC, cols[None, :], n_k)
+        vis = _visible(
+            rows[:, None], cols[None, :], n_q, n_k, q_start, k_start, causal, qd[:, None], kd,
+            HAS_DOCS,
+        )  # fmt: skip
+        p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -370,75 +464,61 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QDOC, KDOC, QLO, QHI, KLO, KHI,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ32, QDOC, KDOC, RANGES,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-    sdq_b, sdq_h, sdq_t, sqd_b, sqd_t, skd_b, skd_t,
-    n_heads, group, n_q, n_k, q_start, k_start, n_qb, n_kb, qk_scale, scale, head_dim,
-    CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    sdq_b, sdq_h, sdq_t, sqd_b, skd_b,
+    n_bh, n_heads, group, n_q, n_k, q_start, k_start, causal, n_qb, qk_scale, scale,
+    head_dim, out_fp32, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    """dQ_i of query block ``pid // n_bh`` of (batch, head) ``pid % n_bh`` over its key range."""
+    pid = tl.program_id(0)
+    bh, pid_m = pid % n_bh, pid // n_bh
     b, h = bh // n_heads, bh % n_heads
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n_q
+    row_ok = rows < n_q
     q_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
-                mask=q_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
-                 mask=q_mask, other=0.0)  # fmt: skip
-    lse = tl.load(LSE + bh * n_q + offs_m, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * n_q + offs_m, mask=row_ok, other=0.0)
-    K += b * sk_b + hk * sk_h
-    V += b * sv_b + hk * sv_h
-    qd = offs_m
+    row0 = tl.cast(start_m, tl.int64)
+    q_ptrs = Q + b64 * sq_b + h64 * sq_h + row0 * sq_t + offs_m[:, None] * sq_t + offs_d[None, :]
+    do_ptrs = (DO + b64 * sdo_b + h64 * sdo_h + row0 * sdo_t + offs_m[:, None] * sdo_t
+               + offs_d[None, :])  # fmt: skip
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * n_q + rows, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(DELTA + bh.to(tl.int64) * n_q + rows, mask=row_ok, other=0.0)
+    K += b64 * sk_b + hk64 * sk_h
+    V += b64 * sv_b + hk64 * sv_h
+    qd = rows
     if HAS_DOCS:
-        qd = tl.load(QDOC + b * sqd_b + offs_m * sqd_t, mask=row_ok, other=-1)
-        KDOC += b * skd_b
-        QLO += b * n_qb
-        QHI += b * n_qb
-        KLO += b * n_kb
-        KHI += b * n_kb
+        qd = _ids(QDOC + b64 * sqd_b, rows, n_q)
+        KDOC += b64 * skd_b
+        RANGES += b64 * n_qb * 4
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first_q = q_start + pid_m * BLOCK_M
-    last_q = q_start + tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-    hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, BLOCK_N, CAUSAL)
-    for start_n in range(0, full, BLOCK_N):
-        meet = True
-        if HAS_DOCS:
-            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
-        if meet:
-            dq = _dq_tile(
-                dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                HAS_DOCS, False, HAS_DOCS, PRECISION,
-            )  # fmt: skip
-    for start_n in range(full, hi, BLOCK_N):
-        meet = True
-        if HAS_DOCS:
-            meet = _tiles_meet(QLO, QHI, KLO, KHI, pid_m, start_n // BLOCK_N)
-        if meet:
-            dq = _dq_tile(
-                dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, offs_m,
-                n_q, n_k, q_start, k_start, qd, KDOC, skd_t, head_dim, qk_scale,
-                True, CAUSAL, HAS_DOCS, PRECISION,
-            )  # fmt: skip
+    first_q = q_start + start_m
+    last_q = q_start + tl.minimum(start_m + BLOCK_M, n_q) - 1
+    hi, full = _key_loop_bounds(first_q, last_q, n_k, k_start, causal, BLOCK_N)
+    lo, a, b_, n_before, n_after = _tile_loops(0, hi, 0, full, RANGES, pid_m, BLOCK_N, HAS_DOCS)
+    for start_n in range(a, b_, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, K, V, start_n, offs_n, offs_d, sk_t, sv_t, rows,
+            n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
+            False, HAS_DOCS, PRECISION,
+        )  # fmt: skip
+    for i in range(0, n_before + n_after):
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, K, V, _masked_start(i, lo, b_, n_before, BLOCK_N),
+            offs_n, offs_d, sk_t, sv_t, rows, n_q, n_k, q_start, k_start, causal, qd, KDOC,
+            head_dim, qk_scale, True, HAS_DOCS, PRECISION,
+        )  # fmt: skip
     dq = dq * scale
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
-
-
-def block_doc_ranges(doc: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Min and max document id of each kernel block (:func:`fragment_doc_ranges`), int32."""
-    lo, hi, _ = fragment_doc_ranges(doc, block)
-    return lo.clamp(max=torch.iinfo(torch.int32).max).to(torch.int32), hi.to(torch.int32)
-
-
-def _head_block(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    dq_offs = b64 * sdq_b + h64 * sdq_h + row0 * sdq_t + offs_m[:, None] * sdq_t + offs_d[None, :]
+    _store(DQ, DQ32, dq_offs, dq, q_mask, out_fp32)
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -446,41 +526,60 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _launch_options(block: int, head_dim: int) -> dict[str, int]:
-    """Warps and pipeline stages: untuned defaults (see docs/benchmarks.md, GPU figures)."""
-    return {"num_warps": 4 if block * max(head_dim, 64) <= 64 * 64 else 8, "num_stages": 2}
+def _capability(t: Tensor) -> tuple[int, int] | None:
+    """The tile table's key for ``t``'s device: None on the CPU (the interpreter)."""
+    return None if t.device.type == "cpu" else torch.cuda.get_device_capability(t.device)
 
 
 class _Docs:
-    """Document ids and their block ranges as kernel arguments (dummies without ids)."""
+    """Document ids and one kernel's meeting ranges as kernel arguments (dummies without
+    ids): per query block of ``q_block`` over key blocks of ``k_block``, or per key block
+    over query blocks when ``per_key_block``."""
 
     def __init__(
-        self, q_doc: Tensor | None, k_doc: Tensor | None, block: int, like: Tensor
-    ) -> None:
-        self.present = q_doc is not None
+        self, q_doc: Tensor | None, k_doc: Tensor | None, tiles: Tiles, like: Tensor, *,
+        per_key_block: bool,
+    ) -> None:  # fmt: skip
+        self.present = q_doc is not None and k_doc is not None
         if q_doc is None or k_doc is None:
-            dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
-            self.q, self.k = dummy, dummy
-            self.q_ranges = self.k_ranges = (dummy, dummy)
-            self.strides = (0, 0, 0, 0)
+            dummy = torch.zeros(1, dtype=torch.int64, device=like.device)
+            self.tensors = (dummy, dummy, dummy.to(torch.int32))
+            self.strides = (0, 0)
             return
-        self.q, self.k = q_doc, k_doc
-        self.q_ranges = block_doc_ranges(q_doc, block)
-        self.k_ranges = block_doc_ranges(k_doc, block)
-        self.strides = (*q_doc.stride(), *k_doc.stride())
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        return (self.q, self.k, *self.q_ranges, *self.k_ranges)
+        q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
+        if per_key_block:
+            ranges = meeting_ranges(k_doc, tiles.block_n, q_doc, tiles.block_m)
+        else:
+            ranges = meeting_ranges(q_doc, tiles.block_m, k_doc, tiles.block_n)
+        self.tensors = (q_doc, k_doc, ranges)
+        self.strides = (q_doc.stride(0), k_doc.stride(0))
 
 
 def _last_dim_contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
+def _outputs(t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``t`` as a kernel's output pair (operands' dtype, fp32) and its fp32 flag, with a
+    one-element dummy in the unused place."""
+    if t.dtype == like.dtype:
+        return t, torch.empty(1, dtype=torch.float32, device=t.device), 0
+    if t.dtype != torch.float32:
+        raise ValueError(f"outputs are in the operands' dtype or fp32, not {t.dtype}")
+    return torch.empty(1, dtype=like.dtype, device=t.device), t, 1
+
+
+def _options(tiles: Tiles, dtype: torch.dtype, dim: int) -> dict:
+    return {
+        "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": head_block(dim),
+        "PRECISION": _precision(dtype), "num_warps": tiles.num_warps,
+        "num_stages": tiles.num_stages,
+    }  # fmt: skip
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, q_doc: Tensor | None, k_doc: Tensor | None, *,
-    causal: bool, block: int, scale: float, q_start: int, k_start: int,
-    out_dtype: torch.dtype,
+    causal: bool, scale: float, q_start: int, k_start: int, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel: ``out`` (B, H, Tq, D) in ``out_dtype``, ``lse`` fp32."""
     q, k, v = _last_dim_contiguous(q, k, v)
@@ -490,15 +589,16 @@ def forward(
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    docs = _Docs(q_doc, k_doc, block, q)
-    grid = (triton.cdiv(n_q, block), batch * heads)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, *docs.tensors(),
+    tiles = tile_config("fwd", _capability(q), q.dtype, dim)
+    docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=False)
+    n_qb = triton.cdiv(n_q, tiles.block_m)
+    out16, out32, fp32 = _outputs(out, q)
+    _fwd_kernel[(n_qb * batch * heads,)](
+        q, k, v, out16, out32, lse, *docs.tensors,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *docs.strides,
-        heads, heads // kv_heads, n_q, n_k, q_start, k_start,
-        triton.cdiv(n_q, block), triton.cdiv(n_k, block), scale * LOG2E, dim,
-        CAUSAL=causal, HAS_DOCS=docs.present, BLOCK_M=block, BLOCK_N=block,
-        BLOCK_D=_head_block(dim), PRECISION=_precision(q.dtype), **_launch_options(block, dim),
+        batch * heads, heads, heads // kv_heads, n_q, n_k, q_start, k_start,
+        int(causal), n_qb, scale * LOG2E, dim, fp32, HAS_DOCS=docs.present,
+        **_options(tiles, q.dtype, dim),
     )  # fmt: skip
     return out, lse
 
@@ -510,17 +610,18 @@ def softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
     delta = torch.empty((batch, heads, n_q), dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
         return delta
-    block = 64
-    _delta_kernel[(triton.cdiv(n_q, block), batch * heads)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, n_q, dim,
-        BLOCK_M=block, BLOCK_D=_head_block(dim),
+    tiles = tile_config("delta", _capability(out), out.dtype, dim)
+    _delta_kernel[(triton.cdiv(n_q, tiles.block_m) * batch * heads,)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], batch * heads, heads, n_q,
+        dim, BLOCK_M=tiles.block_m, BLOCK_D=head_block(dim), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )  # fmt: skip
     return delta
 
 
 def backward(
     q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
-    q_doc: Tensor | None, k_doc: Tensor | None, *, causal: bool, block: int, scale: float,
+    q_doc: Tensor | None, k_doc: Tensor | None, *, causal: bool, scale: float,
     q_start: int, k_start: int, grad_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Launch the dK/dV and dQ kernels; gradients in ``grad_dtype`` (None: the inputs')."""
@@ -533,22 +634,28 @@ def backward(
     dv = torch.empty(v.shape, dtype=grad_dtype or v.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    docs = _Docs(q_doc, k_doc, block, q)
-    common = {
-        "CAUSAL": causal, "HAS_DOCS": docs.present, "BLOCK_M": block, "BLOCK_N": block,
-        "BLOCK_D": _head_block(dim), "PRECISION": _precision(q.dtype),
-        **_launch_options(block, dim),
-    }  # fmt: skip
-    n_blocks = (triton.cdiv(n_q, block), triton.cdiv(n_k, block))
-    sizes = (heads, heads // kv_heads, n_q, n_k, q_start, k_start, *n_blocks, scale * LOG2E,
-             scale, dim)  # fmt: skip
+    sizes = (n_q, n_k, q_start, k_start, int(causal))
     inputs = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    _dkdv_kernel[(triton.cdiv(n_k, block), batch * kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, *docs.tensors(),
-        *inputs, *dk.stride()[:3], *dv.stride()[:3], *docs.strides, *sizes, **common,
+    tiles = tile_config("dkdv", _capability(q), q.dtype, dim)
+    docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=True)
+    n_kb = triton.cdiv(n_k, tiles.block_n)
+    dk16, dk32, fp32 = _outputs(dk, q)
+    dv16, dv32, _ = _outputs(dv, q)
+    _dkdv_kernel[(n_kb * batch * kv_heads,)](
+        q, k, v, dout, lse, delta, dk16, dv16, dk32, dv32, *docs.tensors,
+        *inputs, *dk.stride()[:3], *dv.stride()[:3], *docs.strides,
+        batch * kv_heads, heads, heads // kv_heads, *sizes, n_kb, scale * LOG2E, scale, dim,
+        fp32,
+        HAS_DOCS=docs.present, **_options(tiles, q.dtype, dim),
     )  # fmt: skip
-    _dq_kernel[(triton.cdiv(n_q, block), batch * heads)](
-        q, k, v, dout, lse, delta, dq, *docs.tensors(),
-        *inputs, *dq.stride()[:3], *docs.strides, *sizes, **common,
+    tiles = tile_config("dq", _capability(q), q.dtype, dim)
+    docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=False)
+    n_qb = triton.cdiv(n_q, tiles.block_m)
+    dq16, dq32, fp32 = _outputs(dq, q)
+    _dq_kernel[(n_qb * batch * heads,)](
+        q, k, v, dout, lse, delta, dq16, dq32, *docs.tensors,
+        *inputs, *dq.stride()[:3], *docs.strides,
+        batch * heads, heads, heads // kv_heads, *sizes, n_qb, scale * LOG2E, scale, dim, fp32,
+        HAS_DOCS=docs.present, **_options(tiles, q.dtype, dim),
     )  # fmt: skip
     return dq, dk, dv

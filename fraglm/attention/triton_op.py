@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fraglm.errors import FraglmError
 
-__all__ = ["IMPLS", "block_size", "resolve_impl", "triton_proven"]
+__all__ = ["IMPLS", "resolve_impl", "triton_proven"]
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,15 +101,6 @@ def resolve_impl(impl: str, q: Tensor) -> str:
     return "triton"
 
 
-def block_size(fragment_size: int, head_dim: int, dtype: torch.dtype) -> int:
-    """The kernels' square tile: the fragment rounded down to a power of two in 16..128
-    (at most 64 for fp32 or head dims above 64, so that a tile's operands fit in shared
-    memory). The tile size changes speed only, never results."""
-    top = 128 if head_dim <= 64 and dtype.itemsize == 2 else 64
-    size = 1 << max(0, fragment_size.bit_length() - 1)
-    return max(16, min(size, top))
-
-
 def _grad_dtype(fp32: bool) -> torch.dtype | None:
     return torch.float32 if fp32 else None
 
@@ -122,7 +113,6 @@ def fragment_fwd(
     q_doc: Tensor | None,
     k_doc: Tensor | None,
     causal: bool,
-    block: int,
     scale: float,
     q_start: int,
     k_start: int,
@@ -130,13 +120,13 @@ def fragment_fwd(
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: out in fp32 when ``fp32_out`` (block routines), else q's dtype."""
     return kernels().forward(
-        q, k, v, q_doc, k_doc, causal=causal, block=block, scale=scale, q_start=q_start,
-        k_start=k_start, out_dtype=torch.float32 if fp32_out else q.dtype,
+        q, k, v, q_doc, k_doc, causal=causal, scale=scale, q_start=q_start, k_start=k_start,
+        out_dtype=torch.float32 if fp32_out else q.dtype,
     )  # fmt: skip
 
 
 @fragment_fwd.register_fake
-def _(q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32_out):
+def _(q, k, v, q_doc, k_doc, causal, scale, q_start, k_start, fp32_out):
     # contiguous, as the kernels write them (empty_like would copy a transposed q's strides)
     out = q.new_empty(q.shape, dtype=torch.float32 if fp32_out else q.dtype)
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -164,7 +154,6 @@ def fragment_bwd(
     q_doc: Tensor | None,
     k_doc: Tensor | None,
     causal: bool,
-    block: int,
     scale: float,
     q_start: int,
     k_start: int,
@@ -172,35 +161,35 @@ def fragment_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``, in fp32 when ``fp32_grads`` (block routines), else the inputs'."""
     return kernels().backward(
-        q, k, v, dout, lse, delta, q_doc, k_doc, causal=causal, block=block, scale=scale,
-        q_start=q_start, k_start=k_start, grad_dtype=_grad_dtype(fp32_grads),
+        q, k, v, dout, lse, delta, q_doc, k_doc, causal=causal, scale=scale, q_start=q_start,
+        k_start=k_start, grad_dtype=_grad_dtype(fp32_grads),
     )  # fmt: skip
 
 
 @fragment_bwd.register_fake
-def _(q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, fp32):
+def _(q, k, v, dout, lse, delta, q_doc, k_doc, causal, scale, q_start, k_start, fp32):
     dtype = _grad_dtype(fp32)
     return tuple(t.new_empty(t.shape, dtype=dtype or t.dtype) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, q_doc, k_doc, causal, block, scale, q_start, k_start, _ = inputs
+    q, k, v, q_doc, k_doc, causal, scale, q_start, k_start, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, q_doc, k_doc, out, lse)
-    ctx.options = (causal, block, scale, q_start, k_start)
+    ctx.options = (causal, scale, q_start, k_start)
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
     """The lse output is differentiable too: its gradient enters as ``D - dLSE``."""
     q, k, v, q_doc, k_doc, out, lse = ctx.saved_tensors
-    causal, block, scale, q_start, k_start = ctx.options
+    causal, scale, q_start, k_start = ctx.options
     delta = torch.ops.fraglm.fragment_delta(out, dout)
     if dlse is not None:
         delta = delta - dlse
     dq, dk, dv = torch.ops.fraglm.fragment_bwd(
-        q, k, v, dout, lse, delta, q_doc, k_doc, causal, block, scale, q_start, k_start, False
+        q, k, v, dout, lse, delta, q_doc, k_doc, causal, scale, q_start, k_start, False
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 fragment_fwd.register_autograd(_backward, setup_context=_setup_context)
