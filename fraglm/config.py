@@ -99,9 +99,9 @@ class ModelConfig:
     fragment_size: int = _opt(128, "FragmentStream fragment length in tokens.", ge=1)
     fragment_impl: Literal["auto", "triton", "torch"] = _opt(
         "auto",
-        "FragmentStream kernels: triton (fused Triton kernels: CUDA capability 8.0+ with "
-        "fp16/bf16 autocast, head dim <= 128), torch (the tile loop, any device), auto "
-        "(triton there, else torch).",
+        "FragmentStream kernels: triton (fused Triton kernels, where the compile check proves "
+        "them: CUDA capability 8.0, 8.6, 8.9 or 9.0 with fp16/bf16 autocast and a head dim of "
+        "16, 32, ... 128), torch (the tile loop, any device), auto (triton there, else torch).",
     )
     rope_theta: float = _opt(10000.0, "RoPE base (modern arch).", gt=0)
     norm_eps: float = _opt(1e-5, "Normalisation epsilon.", gt=0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fraglm.attention.triton_op import HAS_TRITON, triton_proven
+from fraglm.attention.triton_op import choose_impl
 from fraglm.config import ModelConfig, TrainConfig, show
 from fraglm.errors import FraglmError
 
@@ -93,29 +93,6 @@ def _resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, _DTYPES[name], use_scaler=name == "fp16")
 
 
-def _attention_impl(
-    impl: str,
-    device: torch.device,
-    capability: tuple[int, int] | None,
-    dtype: torch.dtype,
-    head_dim: int,
-) -> str:
-    """``model.fragment_impl`` for this device: ``auto`` takes Triton where
-    :func:`triton_proven` holds (and triton is installed); a forced ``triton`` on a GPU the
-    compile check does not cover is refused (on CPU it means Triton's interpreter)."""
-    proven = capability is not None and triton_proven(capability, dtype, head_dim)
-    if impl == "auto":
-        return "triton" if proven and HAS_TRITON else "torch"
-    if impl == "triton" and device.type != "cpu" and not proven:
-        where = device.type if capability is None else f"a GPU of capability {_version(capability)}"
-        raise FraglmError(
-            f"model.fragment_impl = 'triton' is not proven for {where} with {_NAMES[dtype]} "
-            f"at head dim {head_dim} (the compile check covers CUDA capability 8.0+ with "
-            "fp16/bf16); use auto or torch"
-        )
-    return impl
-
-
 @dataclass(frozen=True)
 class DevicePlan:
     """Every choice that depends on the device, made once by :func:`plan_device`."""
@@ -169,7 +146,7 @@ def plan_device(device: torch.device, train: TrainConfig, model: ModelConfig) ->
     - precision: ``train.precision`` as :func:`_resolve_precision` decides it.
     - attention: ``model.fragment_impl``; ``auto`` takes the Triton kernels where the
       compile check proves them for the capability, the autocast dtype and the head dim
-      (capability 8.0+ with fp16/bf16), the tile loop elsewhere.
+      (:data:`~fraglm.attention.triton_op.PROVEN`), the tile loop elsewhere.
     - compile: ``train.compile`` where torch.compile's Triton backend runs: CUDA capability
       7.0+ (not the P100) and CPU; not on MPS (untested there).
     - Muon: bf16 Newton-Schulz (as ``torch.optim.Muon``) on CUDA 8.0+, and on CPU, where
@@ -181,7 +158,7 @@ def plan_device(device: torch.device, train: TrainConfig, model: ModelConfig) ->
     capability = _cuda_capability(device)
     precision = _resolve_precision(train.precision, device)
     head_dim = model.d_model // model.n_heads
-    attention = _attention_impl(model.fragment_impl, device, capability, precision.dtype, head_dim)
+    attention = choose_impl(model.fragment_impl, device, precision.dtype, head_dim)
     compiles = device.type != "mps" and (capability is None or capability >= (7, 0))
     ampere = capability is not None and capability >= (8, 0)
     return DevicePlan(

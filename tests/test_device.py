@@ -9,6 +9,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from fraglm import device as dev
+from fraglm.attention import triton_op
 from fraglm.batches import Batch
 from fraglm.config import ModelConfig, TrainConfig, load_config
 from fraglm.errors import FraglmError
@@ -30,7 +31,7 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         # emulated bf16 is reported as supported on old cards: it must not sway the choice
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-        monkeypatch.setattr(dev, "HAS_TRITON", True)
+        monkeypatch.setattr(triton_op, "HAS_TRITON", True)
         return torch.device("cuda")
 
     return install
@@ -80,7 +81,7 @@ def test_compile_only_when_the_config_asks(fake_gpu):
 
 def test_auto_attention_without_triton_installed_is_the_tile_loop(fake_gpu, monkeypatch):
     device = fake_gpu((8, 0))
-    monkeypatch.setattr(dev, "HAS_TRITON", False)
+    monkeypatch.setattr(triton_op, "HAS_TRITON", False)
     assert dev.plan_device(device, MUON, MODEL).attention == "torch"
 
 
@@ -103,10 +104,11 @@ def test_attention_follows_dtype_head_dim_and_a_forced_choice(
 @pytest.mark.parametrize(
     ("capability", "precision", "where"),
     [
-        ((6, 0), "auto", r"a GPU of capability 6\.0 with fp16"),
-        ((7, 5), "fp16", r"a GPU of capability 7\.5 with fp16"),
-        ((8, 0), "fp32", r"a GPU of capability 8\.0 with fp32"),
-        (None, "fp32", "mps with fp32"),
+        ((6, 0), "auto", r"a GPU of capability 6\.0 with torch\.float16"),
+        ((7, 5), "fp16", r"a GPU of capability 7\.5 with torch\.float16"),
+        ((8, 0), "fp32", r"a GPU of capability 8\.0 with torch\.float32"),
+        ((10, 0), "auto", r"a GPU of capability 10\.0 with torch\.bfloat16"),  # unchecked
+        (None, "fp32", r"mps with torch\.float32"),
     ],
 )
 def test_forced_triton_where_it_is_not_proven_is_a_one_line_error(
@@ -119,9 +121,10 @@ def test_forced_triton_where_it_is_not_proven_is_a_one_line_error(
     assert "\n" not in str(err.value)
 
 
-def test_forced_triton_on_cpu_is_the_interpreter_and_on_ampere_kept(fake_gpu):
+def test_forced_triton_on_cpu_needs_the_interpreter_and_on_ampere_is_kept(fake_gpu):
     model = replace(MODEL, fragment_impl="triton")
-    assert dev.plan_device(torch.device("cpu"), MUON, model).attention == "triton"
+    with pytest.raises(FraglmError, match="TRITON_INTERPRET=1"):
+        dev.plan_device(torch.device("cpu"), MUON, model)
     assert dev.plan_device(fake_gpu((8, 0)), MUON, model).attention == "triton"
 
 

@@ -47,9 +47,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from fraglm.attention import triton_kernels as tk
-from fraglm.attention.triton_op import triton_proven
+from fraglm.attention.triton_op import PROVEN_CAPABILITIES, triton_proven
 
-CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
+CAPABILITIES = PROVEN_CAPABILITIES
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_BLOCKS = (16, 32, 64, 128)
 # maximum shared memory per block (opt-in), bytes

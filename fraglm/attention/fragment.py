@@ -601,8 +601,9 @@ def fragment_attention(
     (:mod:`fraglm.attention.triton_kernels`, a ``torch.library`` custom op that
     ``torch.compile`` captures; their tiles come from ``tile_config``, per GPU, dtype and
     head dim, not from ``fragment_size``), ``"torch"`` the tile loop of this module,
-    ``"auto"`` Triton where the compile check proves it (capability 8.0+, fp16/bf16) and
-    the tile loop elsewhere (P100, V100, T4, fp32, CPU, MPS). See
+    ``"auto"`` Triton where the compile check proves it
+    (:data:`fraglm.attention.triton_op.PROVEN`) and the tile loop elsewhere (P100, V100,
+    T4, fp32, CPU, MPS). See
     :func:`fraglm.attention.triton_op.resolve_impl`.
     """
     _check(q, k, v)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fraglm.errors import FraglmError
 
-__all__ = ["IMPLS", "resolve_impl", "triton_proven"]
+__all__ = ["IMPLS", "choose_impl", "resolve_impl", "triton_proven"]
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,19 +38,23 @@ def kernels() -> ModuleType:
 
 
 # What the ahead-of-time compile check (``scripts/compile_check.py``) proves: on these
-# capabilities, dtypes and head dims every kernel compiles, fits the per-block shared
-# memory and runs its products on tensor cores. Elsewhere ``auto`` takes the tile loop.
-PROVEN_MIN_CAPABILITY = (8, 0)
+# capabilities (A100; RTX 30xx; RTX 40xx and L4; H100 and H200), dtypes and head dims every
+# kernel compiles, fits the per-block shared memory, runs its products on tensor cores and
+# spills nothing. It compiles the variant Triton launches for head dims that are multiples
+# of 16 (aligned, vectorised, pipelined loads). Elsewhere ``auto`` takes the tile loop.
+PROVEN_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
 PROVEN_DTYPES = (torch.float16, torch.bfloat16)
+PROVEN = "CUDA capabilities 8.0, 8.6, 8.9 and 9.0 with fp16/bf16, head dims 16, 32, ... 128"
 
 
 def triton_proven(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the compile check proves the Triton kernels for a GPU of ``capability``
     with operands of ``dtype`` and head dim ``head_dim``."""
     return (
-        tuple(capability) >= PROVEN_MIN_CAPABILITY
+        tuple(capability) in PROVEN_CAPABILITIES
         and dtype in PROVEN_DTYPES
-        and 1 <= head_dim <= MAX_HEAD_DIM
+        and head_dim % 16 == 0
+        and 16 <= head_dim <= MAX_HEAD_DIM
     )
 
 
@@ -62,41 +66,46 @@ def _gpu_proven(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool
 
 
 def resolve_impl(impl: str, q: Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for attention on ``q``'s device and dtype.
+    """``"triton"`` or ``"torch"`` for attention on ``q``: :func:`choose_impl` for its
+    device, dtype and head dim."""
+    return choose_impl(impl, q.device, q.dtype, q.shape[-1])
+
+
+def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """``"triton"`` or ``"torch"`` for attention on ``device`` with ``dtype`` operands.
 
     ``auto`` takes Triton where :func:`triton_proven` holds for the GPU, the dtype and the
-    head dim (capability 8.0+, fp16/bf16), the torch tile loop elsewhere (P100, V100, T4,
-    fp32, CPU, MPS). A forced ``triton`` on a GPU the check does not cover is a one-line
-    error. ``triton`` on CPU tensors runs Triton's interpreter (any dtype the kernels
-    take), which must have been switched on with ``TRITON_INTERPRET=1`` before fraglm
-    loaded its kernels.
+    head dim (:data:`PROVEN`), the torch tile loop elsewhere (P100, V100, T4, GPUs newer
+    than the check, fp32, CPU, MPS). A forced ``triton`` on a GPU the check does not cover
+    is a one-line error. ``triton`` on CPU tensors runs Triton's interpreter (any dtype the
+    kernels take), which must have been switched on with ``TRITON_INTERPRET=1`` before
+    fraglm loaded its kernels.
     """
     if impl not in IMPLS:
         raise FraglmError(f"unknown fragment attention impl {impl!r}; choose one of {IMPLS}")
-    head_dim = q.shape[-1]
-    if impl == "torch" or (impl == "auto" and not _gpu_proven(q.device, q.dtype, head_dim)):
+    if impl == "torch" or (impl == "auto" and not _gpu_proven(device, dtype, head_dim)):
         return "torch"
     if impl == "auto":
         return "triton" if HAS_TRITON else "torch"
-    if q.dtype not in TRITON_DTYPES or head_dim > MAX_HEAD_DIM:
+    if dtype not in TRITON_DTYPES or head_dim > MAX_HEAD_DIM:
         raise FraglmError(
             f"impl='triton' takes fp32/fp16/bf16 with head dim <= {MAX_HEAD_DIM}, "
-            f"got {q.dtype} with head dim {head_dim}"
+            f"got {dtype} with head dim {head_dim}"
         )
     module = kernels()
-    if q.device.type == "cpu" and not module.INTERPRETED:
+    if device.type == "cpu" and not module.INTERPRETED:
         raise FraglmError(
             "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
             "before fraglm loads its kernels (or a CUDA GPU); use impl='auto' or 'torch'"
         )
-    if q.device.type != "cpu" and not _gpu_proven(q.device, q.dtype, head_dim):
-        where = q.device.type
-        if q.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(q.device)
+    if device.type != "cpu" and not _gpu_proven(device, dtype, head_dim):
+        where = device.type
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
             where = f"a GPU of capability {major}.{minor}"
         raise FraglmError(
-            f"impl='triton' is not proven for {where} with {q.dtype} at head dim {head_dim} "
-            "(the compile check covers capability 8.0+ with fp16/bf16); use impl='auto'"
+            f"impl='triton' is not proven for {where} with {dtype} at head dim {head_dim} "
+            f"(the compile check covers {PROVEN}); use impl='auto'"
         )
     return "triton"
 
