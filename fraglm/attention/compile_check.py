@@ -135,7 +135,7 @@ def aligned_args(arg_names: list[str]) -> dict[tuple[int], list[list]]:
 def _signature(config: Config) -> tuple[object, dict[str, str], dict[str, object], dict]:
     fn = {"fwd": tk._fwd_kernel, "delta": tk._delta_kernel, "dkdv": tk._dkdv_kernel,
           "dq": tk._dq_kernel}[config.kernel]  # fmt: skip
-    tiles = tk.tile_config(config.kernel, config.capability, config.dtype, config.head_block)
+    tiles = tk.tile_config(config.kernel, config.capability, config.head_block)
     dtypes = {
         "in": _TRITON_DTYPES[config.dtype], "fp32": "fp32", "i64": "i64", "i32": "i32",
     }  # fmt: skip

@@ -130,14 +130,12 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def tile_config(
-    kernel: str, capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int
-) -> Tiles:
+def tile_config(kernel: str, capability: tuple[int, int] | None, head_dim: int) -> Tiles:
     """The tiles, warps and stages ``kernel`` (one of :data:`KERNELS`) launches with on a
-    GPU of ``capability`` (None: the interpreter) for ``dtype`` operands of ``head_dim``.
-    What the compile check (:mod:`fraglm.attention.compile_check`) checks is what runs:
-    both call this. Results never depend on it. ``dtype`` selects nothing yet: fp16 and
-    bf16 compile alike, and fp32 (not proven, no tensor cores) takes the same tiles."""
+    GPU of ``capability`` (None: the interpreter) at ``head_dim``. What the compile check
+    (:mod:`fraglm.attention.compile_check`) checks is what runs: both call this. Results
+    never depend on it. fp16 and bf16 compile alike, so the operands' dtype does not choose
+    (fp32, not proven, takes the same tiles)."""
     if capability is None:
         return _INTERPRETER_TILES[kernel]
     if kernel == "delta":
@@ -174,6 +172,30 @@ def _visible(q_idx, k_idx, n_q, n_k, q_start, k_start, causal, qd, kd, HAS_DOCS:
     if HAS_DOCS:
         vis &= (qd == kd) & (qd >= 0)
     return vis
+
+
+@triton.jit
+def _rows_see(rows, cols, n_q, n_k, q_start, k_start, causal, qd, KDOC, HAS_DOCS: tl.constexpr):
+    """(BM, BN) visibility of query ``rows`` (ids ``qd``) to the keys ``cols``, whose ids
+    are loaded from ``KDOC``: a query block's tile."""
+    kd = cols[None, :]
+    if HAS_DOCS:
+        kd = _ids(KDOC, cols[None, :], n_k)
+    return _visible(
+        rows[:, None], cols[None, :], n_q, n_k, q_start, k_start, causal, qd[:, None], kd,
+        HAS_DOCS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _key_tile(K, V, start_n, offs_n, offs_d, sk_t, sv_t, n_k, head_dim):
+    """The (BN, BD) key and value tiles from key ``start_n`` on (64-bit row offset), zeros
+    past ``n_k`` and ``head_dim``."""
+    mask = ((start_n + offs_n)[:, None] < n_k) & (offs_d[None, :] < head_dim)
+    row0 = tl.cast(start_n, tl.int64)
+    k = tl.load(K + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(V + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -217,21 +239,11 @@ def _fwd_tile(
     rows, n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
     MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    cols = start_n + offs_n
-    kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < head_dim)
-    row0 = tl.cast(start_n, tl.int64)
-    k_ptrs = K + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :]
-    v_ptrs = V + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k, v = _key_tile(K, V, start_n, offs_n, offs_d, sk_t, sv_t, n_k, head_dim)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        kd = cols[None, :]
-        if HAS_DOCS:
-            kd = _ids(KDOC, cols[None, :], n_k)
-        vis = _visible(
-            rows[:, None], cols[None, :], n_q, n_k, q_start, k_start, causal, qd[:, None], kd,
-            HAS_DOCS,
+        vis = _rows_see(
+            rows, start_n + offs_n, n_q, n_k, q_start, k_start, causal, qd, KDOC, HAS_DOCS
         )  # fmt: skip
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -438,22 +450,12 @@ def _dq_tile(
     n_q, n_k, q_start, k_start, causal, qd, KDOC, head_dim, qk_scale,
     MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    cols = start_n + offs_n
-    kv_mask = (cols[:, None] < n_k) & (offs_d[None, :] < head_dim)
-    row0 = tl.cast(start_n, tl.int64)
-    k = tl.load(K + row0 * sk_t + offs_n[:, None] * sk_t + offs_d[None, :], mask=kv_mask,
-                other=0.0)  # fmt: skip
-    v = tl.load(V + row0 * sv_t + offs_n[:, None] * sv_t + offs_d[None, :], mask=kv_mask,
-                other=0.0)  # fmt: skip
+    k, v = _key_tile(K, V, start_n, offs_n, offs_d, sk_t, sv_t, n_k, head_dim)
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                      - lse2[:, None])  # fmt: skip
     if MASKED:
-        kd = cols[None, :]
-        if HAS_DOCS:
-            kd = _ids(KDOC, cols[None, :], n_k)
-        vis = _visible(
-            rows[:, None], cols[None, :], n_q, n_k, q_start, k_start, causal, qd[:, None], kd,
-            HAS_DOCS,
+        vis = _rows_see(
+            rows, start_n + offs_n, n_q, n_k, q_start, k_start, causal, qd, KDOC, HAS_DOCS
         )  # fmt: skip
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -589,7 +591,7 @@ def forward(
     lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    tiles = tile_config("fwd", _capability(q), q.dtype, dim)
+    tiles = tile_config("fwd", _capability(q), dim)
     docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=False)
     n_qb = triton.cdiv(n_q, tiles.block_m)
     out16, out32, fp32 = _outputs(out, q)
@@ -610,7 +612,7 @@ def softmax_delta(out: Tensor, dout: Tensor) -> Tensor:
     delta = torch.empty((batch, heads, n_q), dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
         return delta
-    tiles = tile_config("delta", _capability(out), out.dtype, dim)
+    tiles = tile_config("delta", _capability(out), dim)
     _delta_kernel[(triton.cdiv(n_q, tiles.block_m) * batch * heads,)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], batch * heads, heads, n_q,
         dim, BLOCK_M=tiles.block_m, BLOCK_D=head_block(dim), num_warps=tiles.num_warps,
@@ -636,7 +638,7 @@ def backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     sizes = (n_q, n_k, q_start, k_start, int(causal))
     inputs = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    tiles = tile_config("dkdv", _capability(q), q.dtype, dim)
+    tiles = tile_config("dkdv", _capability(q), dim)
     docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=True)
     n_kb = triton.cdiv(n_k, tiles.block_n)
     dk16, dk32, fp32 = _outputs(dk, q)
@@ -648,7 +650,7 @@ def backward(
         fp32,
         HAS_DOCS=docs.present, **_options(tiles, q.dtype, dim),
     )  # fmt: skip
-    tiles = tile_config("dq", _capability(q), q.dtype, dim)
+    tiles = tile_config("dq", _capability(q), dim)
     docs = _Docs(q_doc, k_doc, tiles, q, per_key_block=False)
     n_qb = triton.cdiv(n_q, tiles.block_m)
     dq16, dq32, fp32 = _outputs(dq, q)
