@@ -106,7 +106,6 @@ def test_attention_follows_dtype_head_dim_and_a_forced_choice(
     [
         ((6, 0), "auto", r"a GPU of capability 6\.0 with torch\.float16"),
         ((7, 5), "fp16", r"a GPU of capability 7\.5 with torch\.float16"),
-        ((8, 0), "fp32", r"a GPU of capability 8\.0 with torch\.float32"),
         ((10, 0), "auto", r"a GPU of capability 10\.0 with torch\.bfloat16"),  # unchecked
         (None, "fp32", r"mps with torch\.float32"),
     ],

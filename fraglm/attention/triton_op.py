@@ -40,8 +40,9 @@ def kernels() -> ModuleType:
 # What the ahead-of-time compile check (``scripts/compile_check.py``) proves: on these
 # capabilities (A100; RTX 30xx; RTX 40xx and L4; H100 and H200), dtypes and head dims every
 # kernel compiles, fits the per-block shared memory, runs its products on tensor cores and
-# spills nothing. It compiles the variant Triton launches for head dims that are multiples
-# of 16 (aligned, vectorised, pipelined loads). Elsewhere ``auto`` takes the tile loop.
+# (with Triton 3.9) spills nothing. It compiles the variant Triton launches for head dims
+# that are multiples of 16 (aligned, vectorised, pipelined loads). Elsewhere ``auto``
+# takes the tile loop.
 PROVEN_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
 PROVEN_DTYPES = (torch.float16, torch.bfloat16)
 PROVEN = "CUDA capabilities 8.0, 8.6, 8.9 and 9.0 with fp16/bf16, head dims 16, 32, ... 128"
@@ -76,10 +77,12 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: i
 
     ``auto`` takes Triton where :func:`triton_proven` holds for the GPU, the dtype and the
     head dim (:data:`PROVEN`), the torch tile loop elsewhere (P100, V100, T4, GPUs newer
-    than the check, fp32, CPU, MPS). A forced ``triton`` on a GPU the check does not cover
-    is a one-line error. ``triton`` on CPU tensors runs Triton's interpreter (any dtype the
-    kernels take), which must have been switched on with ``TRITON_INTERPRET=1`` before
-    fraglm loaded its kernels.
+    than the check, fp32, CPU, MPS). A forced ``triton`` on a GPU whose capability the check
+    does not compile for is a one-line error; on the checked capabilities it also runs fp32
+    (compiled and reported by the check, without tensor cores) and any head dim up to 128
+    (the same code with unaligned, unpipelined loads), which the GPU tests use. ``triton``
+    on CPU tensors runs Triton's interpreter (any dtype the kernels take), which must have
+    been switched on with ``TRITON_INTERPRET=1`` before fraglm loaded its kernels.
     """
     if impl not in IMPLS:
         raise FraglmError(f"unknown fragment attention impl {impl!r}; choose one of {IMPLS}")
@@ -98,11 +101,11 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: i
             "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
             "before fraglm loads its kernels (or a CUDA GPU); use impl='auto' or 'torch'"
         )
-    if device.type != "cpu" and not _gpu_proven(device, dtype, head_dim):
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if device.type != "cpu" and tuple(capability or ()) not in PROVEN_CAPABILITIES:
         where = device.type
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            where = f"a GPU of capability {major}.{minor}"
+        if capability is not None:
+            where = f"a GPU of capability {capability[0]}.{capability[1]}"
         raise FraglmError(
             f"impl='triton' is not proven for {where} with {dtype} at head dim {head_dim} "
             f"(the compile check covers {PROVEN}); use impl='auto'"
