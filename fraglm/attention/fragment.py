@@ -599,7 +599,7 @@ def fragment_attention(
 
     ``impl``: ``"triton"`` runs the fused Triton kernels
     (:mod:`fraglm.attention.triton_kernels`, a ``torch.library`` custom op that
-    ``torch.compile`` captures; their tiles come from ``tile_config``, per GPU, dtype and
+    ``torch.compile`` captures; their tiles come from ``tile_config``, per GPU and
     head dim, not from ``fragment_size``), ``"torch"`` the tile loop of this module,
     ``"auto"`` Triton where the compile check proves it
     (:data:`fraglm.attention.triton_op.PROVEN`) and the tile loop elsewhere (P100, V100,

@@ -37,8 +37,8 @@ and bounds mask. With document ids, :func:`~fraglm.attention.documents.meeting_r
 (computed on the device, no host sync) gives each block the first and last block of the
 other side it can meet, and the run of blocks that, like it, hold one same document and
 no padding: the loops cover only the meeting range and leave the id mask out only in that
-run. Tile sizes, warps and stages come from :func:`tile_config`, per kernel, capability,
-dtype and head dim; results do not depend on them. All statistics and accumulators are
+run. Tile sizes, warps and stages come from :func:`tile_config`, per kernel, capability
+and head dim; results do not depend on them. All statistics and accumulators are
 fp32; ``tl.dot`` takes fp16/bf16 operands (tensor cores) and fp32 operands at full
 precision (``ieee``, not tf32).
 
