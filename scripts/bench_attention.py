@@ -15,8 +15,8 @@ ATen kernels allocate internally (e.g. SDPA's per-thread scratch space).
 
 Variants: ``fragment`` takes the implementation ``impl="auto"`` picks (the Triton kernels
 where the compile check proves them, see ``triton_op.PROVEN``; the tile loop elsewhere);
-``fragment-triton`` and ``fragment-torch`` force one. ``-doc`` variants pack ``--docs`` equal documents;
-``flex-doc`` is FlexAttention (compiled) with the same causal document mask as a
+``fragment-triton`` and ``fragment-torch`` force one. ``-doc`` variants pack ``--docs``
+equal documents; ``flex-doc`` is FlexAttention (compiled) with the same causal document mask as a
 ``BlockMask``, the peer of FragmentStream's document tile skipping.
 
 Example: python scripts/bench_attention.py --seq-lens 512 1024 2048 --repeats 3
