@@ -47,7 +47,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 @app.command()
 def tokenize(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train the BPE tokenizer on the corpus and write the token shards."""
-    from fraglm.data import tokenize as run_tokenize
+    from fraglm.data.corpus import tokenize as run_tokenize
 
     cfg = _load(config, set_)
     summary = run_tokenize(cfg, progress=cfg.logging.progress)
@@ -96,7 +96,7 @@ def train(
 ) -> None:
     """Train the model (tokenizing first when the token shards are missing or stale)."""
     from fraglm.device import resolve_device
-    from fraglm.train import train as run_train
+    from fraglm.training.trainer import train as run_train
 
     if init_from is not None and (resume or resume_from is not None):
         raise FraglmError("--init-from starts a new run; --resume continues one: give one")
@@ -106,7 +106,7 @@ def train(
     ]
     cfg = _load(config, overrides)
     if _own_process and resolve_device(cfg.train.device).type == "cpu":
-        from fraglm.allocator import keep_freed_memory
+        from fraglm.training.allocator import keep_freed_memory
 
         keep_freed_memory()  # process-wide: only in the fraglm command's own process
     result = run_train(
@@ -171,8 +171,8 @@ def _checkpoint_choice(which: str) -> str:
 def _sampler(run: str | None, checkpoint: str, device: str, **sampling: object) -> tuple:
     """The run, a generator with its sampling settings (run's config + command line), the
     settings and a seeded RNG: what generate and chat share."""
-    from fraglm.generate import Generator, make_rng, stop_ids_for
-    from fraglm.run import load_run
+    from fraglm.inference.generate import Generator, make_rng, stop_ids_for
+    from fraglm.runs.loading import load_run
 
     loaded = load_run(run, which=_checkpoint_choice(checkpoint), device=device)
     params = _sampling(loaded.cfg, **sampling)
@@ -200,7 +200,7 @@ def generate(
     device: DeviceOption = "auto",
 ) -> None:
     """Answer PROMPT with a trained model, streaming the text as it is produced."""
-    from fraglm.generate import prompt_text, stream_text
+    from fraglm.inference.generate import prompt_text, stream_text
 
     if (prompt is None) == (prompts_file is None):
         raise FraglmError("give either a PROMPT or --prompts-file")
@@ -257,7 +257,7 @@ def chat(
     device: DeviceOption = "auto",
 ) -> None:
     """Ask questions one line at a time; an empty line is skipped, Ctrl-D or Ctrl-C ends."""
-    from fraglm.generate import prompt_text, stream_text
+    from fraglm.inference.generate import prompt_text, stream_text
 
     loaded, generator, params, rng = _sampler(
         run, checkpoint, device, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -299,7 +299,7 @@ def eval_(
     device: DeviceOption = "auto",
 ) -> None:
     """Validation loss, perplexity, bits per byte and token count of a trained run."""
-    from fraglm.evaluation import evaluate_run
+    from fraglm.training.evaluation import evaluate_run
 
     result = evaluate_run(run, data=data, which=_checkpoint_choice(checkpoint), device=device)
     typer.echo(
@@ -328,12 +328,12 @@ def export(
 ) -> None:
     """Write a trained run as a Hugging Face model directory or a GGUF file."""
     if format_ == "gguf":
-        from fraglm.gguf_export import export_gguf
+        from fraglm.export.gguf import export_gguf
 
         path = export_gguf(run, out, which=_checkpoint_choice(checkpoint), dtype=dtype or "f32")
         typer.echo(f"exported to {path} (llama.cpp: llama-cli -m {path}; Ollama: see README)")
         return
-    from fraglm.export import export_hf
+    from fraglm.export.hf import export_hf
 
     if format_ != "hf":
         raise FraglmError(f"--format must be hf or gguf, not {format_!r}")
@@ -355,7 +355,7 @@ def serve(
 ) -> None:
     """Serve a trained run: OpenAI-compatible API at /v1 and a chat page at / (serve extra)."""
     try:
-        from fraglm.serve import serve as run_server
+        from fraglm.inference.serve.app import serve as run_server
     except ImportError:
         raise FraglmError('serve needs fastapi and uvicorn: pip install -e ".[serve]"') from None
     run_server(run, which=_checkpoint_choice(checkpoint), host=host, port=port, device=device)
@@ -372,7 +372,7 @@ def plot(
     ] = None,
 ) -> None:
     """Plot loss, perplexity and learning rate against tokens seen (needs the viz extra)."""
-    from fraglm.plot import plot_runs
+    from fraglm.tools.plot import plot_runs
 
     typer.echo(f"wrote {plot_runs(run or [None], out)}")
 
@@ -389,7 +389,7 @@ def attention_map(
     raw: Raw = False,
 ) -> None:
     """Draw attention weights over the prompt's tokens (needs the viz extra)."""
-    from fraglm.inspect_attention import draw_attention
+    from fraglm.tools.inspect_attention import draw_attention
 
     typer.echo(f"wrote {draw_attention(run, text, layer=layer, head=head, out=out, raw=raw)}")
 
@@ -427,7 +427,7 @@ _own_process = False  # set by command(): this process is the fraglm command's o
 
 def command() -> None:
     """The ``fraglm`` executable and ``python -m fraglm``: :func:`main` in a process of
-    its own, which ``fraglm train`` may tune for itself (see :mod:`fraglm.allocator`)."""
+    its own, which ``fraglm train`` may tune for itself (see :mod:`fraglm.training.allocator`)."""
     global _own_process
     _own_process = True
     main()

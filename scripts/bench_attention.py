@@ -36,10 +36,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from benchmarking import machine, peak_mib, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fraglm.attention import attention
-from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.errors import FraglmError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

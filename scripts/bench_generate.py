@@ -3,7 +3,7 @@
 For each prompt length, times the generation of ``--new-tokens`` tokens (prefill
 included, as ``transformers``' ``generate`` does) by
 
-* ``fraglm.generate.Generator`` with the KV cache,
+* ``fraglm.inference.generate.Generator`` with the KV cache,
 * the same without the cache (every step recomputes the whole window),
 * ``transformers.LlamaForCausalLM.generate`` (``use_cache=True``) when transformers
   is installed: the same shape and the same weights (fraglm's modern architecture is
@@ -31,9 +31,9 @@ import torch
 
 from fraglm.config import ModelConfig, SampleConfig
 from fraglm.device import resolve_device
-from fraglm.export import to_hf
-from fraglm.generate import Generator
-from fraglm.model import Transformer
+from fraglm.export.hf import to_hf
+from fraglm.inference.generate import Generator
+from fraglm.nn.model import Transformer
 
 VOCAB = 8000
 FIRST_ORDINARY_ID = 4  # ids 0-3 are the special tokens

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchmarking import machine, peak_mib
 
-from fraglm.benchmarking import machine, peak_mib
 from fraglm.config import ModelConfig
-from fraglm.model import Transformer
+from fraglm.nn.model import Transformer
 
 VOCAB = 8000
 

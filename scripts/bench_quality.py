@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fraglm.config import ModelConfig, load_config  # noqa: E402
-from fraglm.export import llama_config  # noqa: E402
-from fraglm.loss import IGNORE_INDEX  # noqa: E402
-from fraglm.tracking import read_metrics  # noqa: E402
-from fraglm.train import Trainer, build_optimizer  # noqa: E402
+from fraglm.export.hf import llama_config  # noqa: E402
+from fraglm.nn.loss import IGNORE_INDEX  # noqa: E402
+from fraglm.training.tracking import read_metrics  # noqa: E402
+from fraglm.training.trainer import Trainer, build_optimizer  # noqa: E402
 
 PROMPT = "What are the symptoms of high blood pressure?"
 DEFAULT_VARIANTS = ["p100:config=configs/p100.yaml", "seed:config=configs/seed.yaml"]

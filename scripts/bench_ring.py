@@ -15,9 +15,9 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from benchmarking import machine, median_seconds, peak_mib
 
-from fraglm.attention.ring import ring_attention
-from fraglm.benchmarking import machine, median_seconds, peak_mib
+from fraglm.parallel.ring import ring_attention
 
 
 def _free_port() -> int:

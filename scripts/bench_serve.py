@@ -25,14 +25,14 @@ from pathlib import Path
 
 import httpx
 import torch
+from benchmarking import machine
+from local_server import server_process
 
-from fraglm import checkpoint as ckpt
-from fraglm.benchmarking import machine
 from fraglm.config import load_config
-from fraglm.data import load_records, make_documents
-from fraglm.local_server import server_process
-from fraglm.model import Transformer
-from fraglm.tokenizer import train_tokenizer, vocab_size
+from fraglm.data.corpus import load_records, make_documents
+from fraglm.data.tokenizer import train_tokenizer, vocab_size
+from fraglm.nn.model import Transformer
+from fraglm.runs import checkpoint as ckpt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What are the symptoms of high blood pressure?"

@@ -8,7 +8,7 @@ CPU, which differ only in the fragment size (128 and 64; 64 measured faster on a
 docs/benchmarks.md). Compared models:
 
 - fraglm's modern ``Transformer`` with the attention backends in ``--backends``, its loss
-  through the trainer's fused head + cross-entropy (:mod:`fraglm.loss`), its products
+  through the trainer's fused head + cross-entropy (:mod:`fraglm.nn.loss`), its products
   through torch's own matmuls, as the transformers model's; QK-norm off, so that it
   computes what Llama computes;
 - when the config trains with QK-norm (p100.yaml's recipe), one more fraglm row with it,
@@ -25,7 +25,7 @@ straight after another model's would pay for that model's memory traffic (on CPU
 allocator returns the large blocks that the transformers model frees to the OS, and the
 next step faults them back in); the second step starts from the state its own training
 loop leaves. On CPU the process keeps freed memory for reuse as the ``fraglm train``
-command does (:mod:`fraglm.allocator`), for every model alike.
+command does (:mod:`fraglm.training.allocator`), for every model alike.
 
 Reported per variant:
 
@@ -64,16 +64,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchmarking import machine, peak_mib, sync
 from torch import nn
 
-from fraglm.allocator import keep_freed_memory
-from fraglm.benchmarking import machine, peak_mib, sync
 from fraglm.config import TrainConfig, load_config
 from fraglm.device import Precision, plan_device, resolve_device
 from fraglm.errors import FraglmError
-from fraglm.export import llama_config
-from fraglm.model import Transformer
-from fraglm.train import build_optimizer
+from fraglm.export.hf import llama_config
+from fraglm.nn.model import Transformer
+from fraglm.training.allocator import keep_freed_memory
+from fraglm.training.trainer import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 8000
@@ -185,7 +185,7 @@ def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[
     for name, model_cfg in rows:
         torch.manual_seed(0)
         model = Transformer(model_cfg, VOCAB).to(device)
-        # the trainer's own path: the fused head + cross-entropy of fraglm.loss
+        # the trainer's own path: the fused head + cross-entropy of fraglm.nn.loss
         variants.append(
             Variant(
                 name,

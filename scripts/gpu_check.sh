@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [REPORT_DIR]
 #
-# On a CUDA machine: the CUDA tests (tests/test_cuda.py, tests/test_triton.py on the GPU),
+# On a CUDA machine: the CUDA tests (tests/test_cuda.py, tests/attention/test_triton.py on the GPU),
 # bench_attention (bf16 and fp16; T = 512 ... 16384; head dims 64 and 16; fragment on the
 # Triton kernels and on the torch tile loop, SDPA's flash and memory-efficient kernels,
 # FlexAttention with a document BlockMask, the packed-document variants) and bench_train
@@ -84,9 +84,9 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
   echo "No CUDA GPU on this machine: the compile check and the interpreter tests only." >>"$report"
   run 240 "Ahead-of-time compile check, every capability" python scripts/compile_check.py
   run 300 "Triton kernels through the interpreter" env TRITON_INTERPRET=1 \
-    python -m pytest -q -p no:cacheprovider tests/test_triton.py
+    python -m pytest -q -p no:cacheprovider tests/attention/test_triton.py
   run 120 "Ring attention on the Triton kernels" \
-    python -m pytest -q -p no:cacheprovider tests/test_ring.py -k triton
+    python -m pytest -q -p no:cacheprovider tests/parallel/test_ring.py -k triton
   echo "gpu_check: done -> $report"
   exit 0
 fi
@@ -105,7 +105,7 @@ else
 fi
 
 run 120 "CUDA tests" python -m pytest -q -p no:cacheprovider \
-  tests/test_cuda.py tests/test_triton.py
+  tests/test_cuda.py tests/attention/test_triton.py
 
 LENS="512 1024 2048 4096 8192 16384"
 FAST="sdpa-flash sdpa-efficient fragment-triton fragment-triton-doc sdpa-doc"

@@ -136,7 +136,7 @@ def tiny_overrides():
 
 def _train_tiny_run(tmp: Path, *overrides: str) -> Path:
     from fraglm.config import load_config
-    from fraglm.train import train
+    from fraglm.training.trainer import train
 
     return train(
         load_config(REPO_ROOT / "configs/tiny.yaml", _tiny_overrides(tmp, *overrides))

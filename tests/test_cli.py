@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fraglm.config import END
-from fraglm.data import load_run_tokenizer, load_tokens, read_meta, split_documents
-from fraglm.tokenizer import decode
+from fraglm.data.corpus import load_run_tokenizer, load_tokens, read_meta, split_documents
+from fraglm.data.tokenizer import decode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample_health_qa.jsonl"

@@ -1,7 +1,7 @@
 """CUDA-only checks (``pytest -m cuda``; skipped without a GPU): mixed-precision training,
 resume, torch.compile with the Triton op, SDPA's fused kernels, no host syncs.
 
-``tests/test_triton.py`` runs the Triton kernels against the fp64 reference on the GPU
+``tests/attention/test_triton.py`` runs the Triton kernels against the fp64 reference on the GPU
 where there is one. ``scripts/gpu_check.sh`` runs both files first.
 """
 
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_attention import CASES, make_inputs, rel_err, run
-from test_train import latest_weights, make_config, train_losses
+from attention.test_attention import CASES, make_inputs, rel_err, run
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from training.test_trainer import latest_weights, make_config, train_losses
 
 from fraglm.attention import fragment_attention, naive_attention, sdpa_attention
 from fraglm.attention.triton_op import resolve_impl
 from fraglm.config import ModelConfig
-from fraglm.data import tokenize
-from fraglm.model import Transformer
-from fraglm.train import Trainer
+from fraglm.data.corpus import tokenize
+from fraglm.nn.model import Transformer
+from fraglm.training.trainer import Trainer
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

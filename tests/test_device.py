@@ -10,12 +10,12 @@ from torch.torch_version import TorchVersion
 
 from fraglm import device as dev
 from fraglm.attention import triton_op
-from fraglm.batches import Batch
 from fraglm.config import ModelConfig, TrainConfig, load_config
+from fraglm.data.batches import Batch
 from fraglm.errors import FraglmError
-from fraglm.evaluation import token_loss_sum
-from fraglm.model import Transformer
-from fraglm.optim import build_optimizer
+from fraglm.nn.model import Transformer
+from fraglm.training.evaluation import token_loss_sum
+from fraglm.training.optim import build_optimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MUON = TrainConfig(optimizer="muon", compile=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from fraglm.attention.dense import naive_attention, sdpa_attention, visibility_mask
 from fraglm.attention.fragment import (
     FragmentAttention,
     fragment_attention,
@@ -17,7 +18,6 @@ from fraglm.attention.fragment import (
     fragment_forward,
     merge,
 )
-from fraglm.attention.reference import naive_attention, sdpa_attention, visibility_mask
 
 __all__ = [
     "BACKENDS",

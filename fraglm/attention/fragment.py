@@ -68,8 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fraglm.attention.dense import sdpa_attention
 from fraglm.attention.documents import fragment_doc_ranges
-from fraglm.attention.reference import sdpa_attention
 from fraglm.attention.triton_op import resolve_impl
 
 __all__ = [

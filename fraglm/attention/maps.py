@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fraglm.attention.dense import expand_kv_heads, visibility_mask
 from fraglm.attention.fragment import fragment_forward
-from fraglm.attention.reference import expand_kv_heads, visibility_mask
 
 
 def attention_weights(
