@@ -47,7 +47,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 @app.command()
 def tokenize(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train the BPE tokenizer on the corpus and write the token shards."""
-    from fraglm.data.corpus import tokenize as run_tokenize
+    from fraglm.data.shards import tokenize as run_tokenize
 
     cfg = _load(config, set_)
     summary = run_tokenize(cfg, progress=cfg.logging.progress)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fraglm.config import END
-from fraglm.data.corpus import load_run_tokenizer, load_tokens, read_meta, split_documents
+from fraglm.data.corpus import split_documents
+from fraglm.data.shards import load_run_tokenizer, load_tokens, read_meta
 from fraglm.data.tokenizer import decode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from training.test_trainer import latest_weights, make_config, train_losses
 from fraglm.attention import fragment_attention, naive_attention, sdpa_attention
 from fraglm.attention.triton_op import resolve_impl
 from fraglm.config import ModelConfig
-from fraglm.data.corpus import tokenize
+from fraglm.data.shards import tokenize
 from fraglm.nn.model import Transformer
 from fraglm.training.trainer import Trainer
 

@@ -17,6 +17,8 @@ from tokenizers.decoders import DecodeStream
 from fraglm.config import SPECIAL_TOKENS, TokenizerConfig
 from fraglm.errors import FraglmError
 
+# the name a tokenizer is saved under, in a tokenized directory and in a run directory
+TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 

@@ -37,10 +37,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from fraglm.config import Config, load_config
+from fraglm.data.tokenizer import TOKENIZER_FILE
 from fraglm.errors import FraglmError, first_line
 from fraglm.storage.atomic import TEMP_MARK, fsync_dir, write_bytes_atomic, write_text_atomic
 
-CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE = "config.yaml", "tokenizer.json", "metrics.jsonl"
+CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 WEIGHTS_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
 CHECKPOINT_FILES = (WEIGHTS_FILE, STATE_FILE)
 POINTERS = ("latest", "best")

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from fraglm.data.batches import Batch, WindowSampler, make_sampler
-from fraglm.data.corpus import TOKENIZER_FILE, load_records, load_tokens, make_documents, read_meta
-from fraglm.data.tokenizer import special_ids, token_byte_lengths
+from fraglm.data.corpus import load_records, make_documents
+from fraglm.data.shards import load_tokens, read_meta
+from fraglm.data.tokenizer import TOKENIZER_FILE, special_ids, token_byte_lengths
 from fraglm.device import Precision, plan_device
 from fraglm.errors import FraglmError
 from fraglm.runs.loading import LoadedRun, load_run

@@ -25,15 +25,15 @@ from tqdm.auto import tqdm
 
 from fraglm.config import Config, TrainConfig
 from fraglm.data.batches import Batch, make_sampler
-from fraglm.data.corpus import (
+from fraglm.data.corpus import corpus_fingerprint
+from fraglm.data.shards import ensure_tokenized, load_run_tokenizer, load_tokens, read_meta
+from fraglm.data.tokenizer import (
     TOKENIZER_FILE,
-    corpus_fingerprint,
-    ensure_tokenized,
-    load_run_tokenizer,
-    load_tokens,
-    read_meta,
+    load_tokenizer,
+    special_ids,
+    token_byte_lengths,
+    vocab_size,
 )
-from fraglm.data.tokenizer import load_tokenizer, special_ids, token_byte_lengths, vocab_size
 from fraglm.device import plan_device, resolve_device
 from fraglm.errors import FraglmError
 from fraglm.nn.model import Transformer

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from fraglm.config import load_config
-from fraglm.data.corpus import load_run_tokenizer
+from fraglm.data.shards import load_run_tokenizer
 from fraglm.runs import checkpoint as ckpt
 from fraglm.training.trainer import Trainer, train
 

@@ -10,7 +10,7 @@ import pytest
 
 from fraglm import cli
 from fraglm.config import load_config
-from fraglm.data.corpus import tokenize
+from fraglm.data.shards import tokenize
 from fraglm.training import allocator
 from fraglm.training.trainer import Trainer
 

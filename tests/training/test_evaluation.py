@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fraglm.config import END, ModelConfig, TokenizerConfig, load_config
 from fraglm.data.batches import WindowSampler, answer_target_mask
-from fraglm.data.corpus import tokenize
+from fraglm.data.shards import tokenize
 from fraglm.data.tokenizer import decode, token_byte_lengths, train_tokenizer, vocab_size
 from fraglm.device import Precision
 from fraglm.nn.model import Transformer

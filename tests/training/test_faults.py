@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fraglm.config import load_config
-from fraglm.data.corpus import tokenize
+from fraglm.data.shards import tokenize
 from fraglm.runs import checkpoint as ckpt
 from fraglm.training.tracking import read_metrics
 from fraglm.training.trainer import Trainer

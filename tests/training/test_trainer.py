@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fraglm.config import Config, apply_overrides, from_dict
-from fraglm.data.corpus import tokenize
+from fraglm.data.shards import tokenize
 from fraglm.device import Precision
 from fraglm.runs import checkpoint as ckpt
 from fraglm.training import trainer as train_module
