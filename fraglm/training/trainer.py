@@ -8,32 +8,21 @@ optimizer, scaler, RNG, step) in the checkpoint, so ``--resume`` continues bit-i
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fraglm.config import Config, TrainConfig
-from fraglm.data.batches import Batch, make_sampler
-from fraglm.data.corpus import (
-    TOKENIZER_FILE,
-    corpus_fingerprint,
-    ensure_tokenized,
-    load_run_tokenizer,
-    load_tokens,
-    read_meta,
-)
-from fraglm.data.tokenizer import load_tokenizer, special_ids, token_byte_lengths, vocab_size
+from fraglm.config import Config
+from fraglm.data.batches import Batch
+from fraglm.data.corpus import TOKENIZER_FILE
 from fraglm.device import plan_device, resolve_device
 from fraglm.errors import FraglmError
 from fraglm.nn.model import Transformer
@@ -44,14 +33,17 @@ from fraglm.parallel.distributed import (
     from_main,
     setup,
     teardown,
-    wait_for_main,
 )
 from fraglm.runs import checkpoint as ckpt
-from fraglm.runs.init_from import parent_run
 from fraglm.storage import locks
+from fraglm.training.build import build_data, build_tracker
 from fraglm.training.evaluation import bits_per_byte, evaluate, token_loss_sum
+from fraglm.training.interrupt import deferred_interrupt
 from fraglm.training.optim import build_optimizer, optimizer_parts
-from fraglm.training.tracking import Tracker
+from fraglm.training.resume import rng_state, set_rng_state, start_point
+from fraglm.training.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,75 +54,6 @@ class TrainResult:
     best_val_loss: float | None
     parameters: int
     stopped_early: bool = False
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then down to ``lr * min_lr_ratio`` at ``max_steps``: a cosine,
-    or (``wsd``) constant until the last ``decay_fraction`` of the steps, then linear."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
-        progress = (step - decay_start) / max(cfg.max_steps - decay_start, 1)
-        return cfg.lr - (cfg.lr - floor) * min(max(progress, 0.0), 1.0)
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _check_compatible(saved: Config, cfg: Config) -> None:
-    """A resumed run may change the schedule, not the model or the data it was built on."""
-    for section in ("model", "tokenizer"):
-        old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
-        for key, value in old.items():
-            if new[key] != value:
-                raise FraglmError(
-                    f"cannot resume: {section}.{key} is {value!r} in the checkpoint but "
-                    f"{new[key]!r} in the config"
-                )
-
-
-_NEW_RUN = "restore it, or train a new run with another train.out_dir"
-
-
-def _check_same_corpus(
-    run_dir: Path, state: dict[str, Any], cfg: Config, tokenizer: Tokenizer | None
-) -> None:
-    """Refuse, before anything is tokenized again, a corpus or data setting changed since
-    the run began: tokenizing would train another tokenizer under the old weights."""
-    saved = state.get("corpus_fingerprint")  # absent in checkpoints of older versions
-    if saved is not None and saved != corpus_fingerprint(cfg, tokenizer=tokenizer):
-        raise FraglmError(
-            f"cannot resume: the corpus {cfg.data.path} or a data.* setting changed since "
-            f"{run_dir} was trained; {_NEW_RUN}"
-        )
-
-
-def _check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
-    run_tokenizer, data_tokenizer = run_dir / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
-    if not run_tokenizer.is_file() or run_tokenizer.read_bytes() != data_tokenizer.read_bytes():
-        raise FraglmError(
-            f"cannot resume: {data_tokenizer} is not the tokenizer {run_dir} was trained with "
-            f"({run_tokenizer}); {_NEW_RUN}"
-        )
 
 
 class Trainer:
@@ -172,53 +95,32 @@ class Trainer:
             overwrite=overwrite,
             writable=self.env.is_main,
         )
-        resume = self.resume_dir is not None
-        saved = ckpt.load_run_config(self.run_dir) if resume else None
-        parent = None if resume else parent_run(cfg)
-        # a run started from another keeps the parent's tokenizer (a copy is in its run dir),
-        # also when it is resumed without --init-from
-        given = None
-        if parent is not None:
-            given = load_tokenizer(parent / TOKENIZER_FILE)
-        elif saved is not None and saved.train.init_from is not None:
-            given = load_tokenizer(self.run_dir / TOKENIZER_FILE)
-        resumed_state = None
-        if saved is not None:
-            _check_compatible(saved, cfg)
-            resumed_state = ckpt.load_state(self.resume_dir)
-            _check_same_corpus(self.run_dir, resumed_state, cfg, given)
-
-        if self.env.is_main:
-            summary = ensure_tokenized(cfg, progress=cfg.logging.progress, tokenizer=given)
-            if summary is not None:
-                print(f"tokenized {cfg.data.path}: {summary.describe()}")
-        wait_for_main(self.env)
-        data_dir = Path(cfg.data.tokenized_dir)
-        if resume:
-            _check_same_tokenizer(self.run_dir, data_dir)
-        self.corpus_fingerprint = (read_meta(data_dir) or {}).get("fingerprint")
-        tokenizer = load_run_tokenizer(data_dir)
-        ids = special_ids(tokenizer)
-        self.vocab_size = vocab_size(tokenizer)
-        self.token_bytes = token_byte_lengths(tokenizer)
+        start = start_point(cfg, self.run_dir, self.resume_dir)
+        data = build_data(cfg, self.env, start, self.run_dir)
+        self.train_sampler, self.val_sampler = data.train_sampler, data.val_sampler
+        self.vocab_size, self.token_bytes = data.vocab_size, data.token_bytes
+        self.corpus_fingerprint = data.corpus_fingerprint
         self.device = resolve_device(tcfg.device)
         self.plan = plan_device(self.device, tcfg, cfg.model)
+        self._build_model(start.parent)
+        self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
+        self.step = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.evals_since_best = 0  # for train.early_stopping_patience
+        if start.state is not None:
+            self._load_latest(start.state)
+        elif self.env.is_main:
+            ckpt.write_run_files(self.run_dir, cfg, Path(cfg.data.tokenized_dir) / TOKENIZER_FILE)
+        self._skipped_in_a_row, self._last_scale = 0, self.scaler.get_scale()
+        resume_step = self.step if start.state is not None else None
+        self.tracker = build_tracker(cfg, self.env, self.run_dir, resume_step)
 
-        context = cfg.model.context_length
-        train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-        if len(train_tokens) < context + 2:
-            raise FraglmError(
-                f"training split has {len(train_tokens)} tokens; model.context_length = {context} "
-                "needs more (use a larger corpus or a shorter context)"
-            )
-
-        self.train_sampler = make_sampler(train_tokens, cfg, ids)
-        self.val_sampler = (
-            make_sampler(val_tokens, cfg, ids) if len(val_tokens) >= context + 2 else None
-        )
-        if self.val_sampler is None:
-            print(f"note: validation split too short for context {context}; no evaluation")
-
+    def _build_model(self, parent: Path | None) -> None:
+        """The model, from ``parent``'s best weights with ``train.init_from``; wrapped for
+        data parallelism and compiled where the device plan says."""
+        cfg, tcfg = self.cfg, self.cfg.train
         torch.manual_seed(tcfg.seed)
         # the plan's attention kernels; the run's config keeps model.fragment_impl as given
         model_cfg = replace(cfg.model, fragment_impl=self.plan.attention)
@@ -226,8 +128,7 @@ class Trainer:
         if parent is not None:
             start = ckpt.checkpoint_dir(parent, "best")
             ckpt.load_weights(self.model, start)
-            if self.env.is_main:
-                print(f"initialised from {start}")
+            log.info("initialised from %s", start)
         self.forward_model: torch.nn.Module = self.model
         if self.env.enabled:
             device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
@@ -235,26 +136,11 @@ class Trainer:
         if self.plan.compile:
             self.forward_model = torch.compile(self.forward_model)
         elif tcfg.compile:
-            print(
-                f"note: torch.compile is not used on {self.device.type} here (CUDA needs "
-                "capability 7.0+); training uncompiled"
+            log.warning(
+                "note: torch.compile is not used on %s here (CUDA needs capability 7.0+); "
+                "training uncompiled",
+                self.device.type,
             )
-        self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
-        self.step = 0
-        self.best_val: float | None = None
-        self.best_step: int | None = None
-        self.evals_since_best = 0  # for train.early_stopping_patience
-        if resumed_state is not None:
-            self._load_latest(resumed_state)
-        elif self.env.is_main:
-            ckpt.write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
-        self._skipped_in_a_row, self._last_scale = 0, self.scaler.get_scale()
-        self.tracker = (
-            Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
-            if self.env.is_main
-            else None
-        )
 
     def _load_latest(self, state: dict[str, Any]) -> None:
         path = self.resume_dir
@@ -264,7 +150,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"], self.device)
+            set_rng_state(state["rng"], self.device)
             self.step = int(state["step"])
             self.best_val = state.get("best_val")
             self.best_step = state.get("best_step")
@@ -276,7 +162,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
             "step": self.step,
             "best_val": self.best_val,
             "corpus_fingerprint": self.corpus_fingerprint,
@@ -441,7 +327,7 @@ class Trainer:
         try:
             with (
                 self.plan.matmul_precision(),
-                _deferred_interrupt() as interrupted,
+                deferred_interrupt() as interrupted,
             ):
                 self._meter = (time.perf_counter(), self.step)
                 stopped = False
@@ -457,12 +343,13 @@ class Trainer:
                     ):
                         stopped_early = True
                         self.save()  # the latest checkpoint remembers that the run stopped
-                        self._report_early_stop(bar)
+                        self._report_early_stop()
                         break
                 if stopped:
                     self.save()
-                    bar.write(
-                        f"interrupted at step {self.step}: checkpoint saved; continue with --resume"
+                    log.info(
+                        "interrupted at step %d: checkpoint saved; continue with --resume",
+                        self.step,
                     )
                     raise KeyboardInterrupt
         finally:
@@ -489,14 +376,15 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         return patience > 0 and self.evals_since_best >= patience
 
-    def _report_early_stop(self, bar: tqdm) -> None:
-        if not self.env.is_main:
-            return
-        best = ckpt.checkpoint_dir(self.run_dir, "best")
-        bar.write(
-            f"early stopping at step {self.step}: validation loss has not improved for "
-            f"{self.evals_since_best} evaluations; best {self.best_val:.4f} at step "
-            f"{self.best_step}, kept in {best}"
+    def _report_early_stop(self) -> None:
+        log.info(
+            "early stopping at step %d: validation loss has not improved for %d evaluations; "
+            "best %.4f at step %d, kept in %s",
+            self.step,
+            self.evals_since_best,
+            self.best_val,
+            self.best_step,
+            ckpt.checkpoint_dir(self.run_dir, "best"),
         )
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -541,11 +429,13 @@ class Trainer:
                         "val_bpb": bpb,
                     }
                 )
-                if self.env.is_main:
-                    bar.write(
-                        f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}, "
-                        f"{bpb:.4f} bits per byte"
-                    )
+                log.info(
+                    "step %d: val loss %.4f, perplexity %.2f, %.4f bits per byte",
+                    step,
+                    val,
+                    ppl,
+                    bpb,
+                )
                 if self.best_val is None or val < self.best_val:
                     self.best_val, self.best_step, is_best = val, step, True
                     self.evals_since_best = 0
@@ -553,27 +443,6 @@ class Trainer:
                     self.evals_since_best += 1
         if is_best or step % tcfg.save_interval == 0 or step == end:
             self.save(best=is_best)
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag checked between steps; a second one stops at once."""
-    pressed = False
-
-    def handler(signum: int, frame: Any) -> None:
-        nonlocal pressed
-        if pressed:
-            raise KeyboardInterrupt
-        pressed = True
-
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: pressed
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def train(
@@ -588,16 +457,17 @@ def train(
     env = setup(cfg)
     try:
         trainer = Trainer(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, env=env)
-        if env.is_main:
-            parallel = ""
-            if env.enabled:
-                parallel = (
-                    f", {env.dp_size} data-parallel x {env.context_parallel} context-parallel"
-                )
-            print(
-                f"model: {trainer.model.num_parameters():,} parameters ({cfg.model.arch}, "
-                f"{cfg.model.attention} attention){parallel}; on {trainer.plan.describe()}"
-            )
+        parallel = ""
+        if env.enabled:
+            parallel = f", {env.dp_size} data-parallel x {env.context_parallel} context-parallel"
+        log.info(
+            "model: %s parameters (%s, %s attention)%s; on %s",
+            f"{trainer.model.num_parameters():,}",
+            cfg.model.arch,
+            cfg.model.attention,
+            parallel,
+            trainer.plan.describe(),
+        )
         return trainer.run(max_new_steps=max_new_steps)
     finally:
         teardown(env)
