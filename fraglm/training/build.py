@@ -9,8 +9,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from fraglm.config import Config
 from fraglm.data.batches import WindowSampler, make_sampler
 from fraglm.data.corpus import (
@@ -23,6 +21,7 @@ from fraglm.data.corpus import (
 from fraglm.data.tokenizer import special_ids, token_byte_lengths, vocab_size
 from fraglm.errors import FraglmError
 from fraglm.parallel.distributed import DistEnv, wait_for_main
+from fraglm.training.evaluation import ValidationSet
 from fraglm.training.resume import StartPoint, check_same_corpus, check_same_tokenizer
 from fraglm.training.tracking import Tracker
 
@@ -31,13 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainData:
-    """The samplers over the token shards (``val_sampler`` None when the validation split
-    is shorter than one window), and what the trainer needs to know of the tokenizer."""
+    """The training windows' sampler, the validation windows (None when the validation
+    split is shorter than one window), and what the trainer needs of the tokenizer."""
 
     train_sampler: WindowSampler
-    val_sampler: WindowSampler | None
+    validation: ValidationSet | None
     vocab_size: int
-    token_bytes: np.ndarray  # UTF-8 bytes per token id, for bits per byte
     corpus_fingerprint: str | None  # of the shards, saved in checkpoints
 
 
@@ -57,14 +55,18 @@ def build_data(cfg: Config, env: DistEnv, start: StartPoint, run_dir: Path) -> T
             f"training split has {len(train_tokens)} tokens; model.context_length = {context} "
             "needs more (use a larger corpus or a shorter context)"
         )
-    val_sampler = make_sampler(val_tokens, cfg, ids) if len(val_tokens) >= context + 2 else None
-    if val_sampler is None:
-        log.warning(f"note: validation split too short for context {context}; no evaluation")
+    validation = None
+    if len(val_tokens) >= context + 2:
+        sampler = make_sampler(val_tokens, cfg, ids)
+        micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+        starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
+        validation = ValidationSet(sampler, starts, micro_batch, token_byte_lengths(tokenizer))
+    else:
+        log.warning("note: validation split too short for context %d; no evaluation", context)
     return TrainData(
         train_sampler=make_sampler(train_tokens, cfg, ids),
-        val_sampler=val_sampler,
+        validation=validation,
         vocab_size=vocab_size(tokenizer),
-        token_bytes=token_byte_lengths(tokenizer),
         corpus_fingerprint=(read_meta(data_dir) or {}).get("fingerprint"),
     )
 
@@ -83,7 +85,7 @@ def _ensure_tokenized(cfg: Config, env: DistEnv, start: StartPoint, run_dir: Pat
             cfg, progress=cfg.logging.progress, tokenizer=start.tokenizer, fingerprint=fingerprint
         )
         if summary is not None:
-            log.info(f"tokenized {cfg.data.path}: {summary.describe()}")
+            log.info("tokenized %s: %s", cfg.data.path, summary.describe())
     wait_for_main(env)
 
 

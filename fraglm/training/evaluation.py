@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,3 +60,29 @@ def bits_per_byte(mean_loss: float, tokens: int, n_bytes: int) -> float:
     vocabularies (or other projects' models) compare on the same text.
     """
     return mean_loss * tokens / (math.log(2) * max(n_bytes, 1))
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """The fixed validation windows the trainer evaluates on: the same at every
+    evaluation, and so are their token and byte counts."""
+
+    sampler: WindowSampler
+    starts: np.ndarray
+    batch_size: int
+    token_bytes: np.ndarray  # UTF-8 bytes per token id
+
+    def loss(self, model: torch.nn.Module, precision: Precision, device: torch.device) -> float:
+        loss, _ = evaluate(
+            model,
+            self.sampler,
+            self.starts,
+            batch_size=self.batch_size,
+            precision=precision,
+            device=device,
+        )
+        return loss
+
+    def bits_per_byte(self, loss: float) -> float:
+        n_bytes = self.sampler.counted_target_bytes(self.starts, self.token_bytes)
+        return bits_per_byte(loss, self.sampler.counted_targets(self.starts), n_bytes)

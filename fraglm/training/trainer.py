@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,12 @@ from fraglm.parallel.distributed import (
 from fraglm.runs import checkpoint as ckpt
 from fraglm.storage import locks
 from fraglm.training.build import build_data, build_tracker
-from fraglm.training.evaluation import bits_per_byte, evaluate, token_loss_sum
+from fraglm.training.evaluation import token_loss_sum
 from fraglm.training.interrupt import deferred_interrupt
 from fraglm.training.optim import build_optimizer, optimizer_parts
 from fraglm.training.resume import rng_state, set_rng_state, start_point
 from fraglm.training.schedule import lr_at
+from fraglm.training.tracking import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ class Trainer:
         )
         start = start_point(cfg, self.run_dir, self.resume_dir)
         data = build_data(cfg, self.env, start, self.run_dir)
-        self.train_sampler, self.val_sampler = data.train_sampler, data.val_sampler
-        self.vocab_size, self.token_bytes = data.vocab_size, data.token_bytes
-        self.corpus_fingerprint = data.corpus_fingerprint
+        self.train_sampler, self.validation = data.train_sampler, data.validation
+        self.vocab_size, self.corpus_fingerprint = data.vocab_size, data.corpus_fingerprint
         self.device = resolve_device(tcfg.device)
         self.plan = plan_device(self.device, tcfg, cfg.model)
         self._build_model(start.parent)
@@ -277,33 +276,11 @@ class Trainer:
                 "train.lr, or a larger train.max_skipped_steps)"
             )
 
-    def _val_starts(self) -> np.ndarray:
-        tcfg = self.cfg.train
-        return self.val_sampler.eval_starts(
-            tcfg.eval_batches * (tcfg.batch_size // tcfg.grad_accum)
-        )
-
     def evaluate(self) -> float | None:
         """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
-        if self.val_sampler is None or not self.env.is_main:
+        if self.validation is None or not self.env.is_main:
             return None
-        tcfg = self.cfg.train
-        loss, _ = evaluate(
-            self.model,
-            self.val_sampler,
-            self._val_starts(),
-            batch_size=tcfg.batch_size // tcfg.grad_accum,
-            precision=self.plan.precision,
-            device=self.device,
-        )
-        return loss
-
-    def val_bits_per_byte(self, loss: float) -> float:
-        """Bits per byte of validation loss ``loss`` (the windows, so their token and byte
-        counts, are the same at every evaluation)."""
-        starts = self._val_starts()
-        n_bytes = self.val_sampler.counted_target_bytes(starts, self.token_bytes)
-        return bits_per_byte(loss, self.val_sampler.counted_targets(starts), n_bytes)
+        return self.validation.loss(self.model, self.plan.precision, self.device)
 
     def run(self, *, max_new_steps: int | None = None) -> TrainResult:
         """Train to ``train.max_steps`` (or ``max_new_steps`` more).
@@ -320,38 +297,12 @@ class Trainer:
             disable=not self.cfg.logging.progress or not self.env.is_main,
             desc="train",
         )
-        loss = float("nan")
-        stopped_early = self._patience_exhausted()
+        loss, stopped_early = float("nan"), self._patience_exhausted()
         if stopped_early:
             end = self.step  # resuming a run that stopped early: nothing left to do
         try:
-            with (
-                self.plan.matmul_precision(),
-                deferred_interrupt() as interrupted,
-            ):
-                self._meter = (time.perf_counter(), self.step)
-                stopped = False
-                while self.step < end:
-                    # every rank must agree, or the ranks would wait on each other forever
-                    stopped = any_rank(interrupted(), self.env, self.device)
-                    if stopped:
-                        break
-                    loss = self.train_step()
-                    self._after_step(loss, end, bar)
-                    if self._evaluated_now() and any_rank(
-                        self._patience_exhausted(), self.env, self.device
-                    ):
-                        stopped_early = True
-                        self.save()  # the latest checkpoint remembers that the run stopped
-                        self._report_early_stop()
-                        break
-                if stopped:
-                    self.save()
-                    log.info(
-                        "interrupted at step %d: checkpoint saved; continue with --resume",
-                        self.step,
-                    )
-                    raise KeyboardInterrupt
+            with self.plan.matmul_precision():
+                loss, stopped_early = self._train_until(end, bar)
         finally:
             bar.close()
             if self.tracker is not None:
@@ -365,6 +316,32 @@ class Trainer:
             self.model.num_parameters(),
             stopped_early,
         )
+
+    def _train_until(self, end: int, bar: tqdm) -> tuple[float, bool]:
+        """Steps up to ``end``: the last train loss, and whether early stopping ended them."""
+        loss = float("nan")
+        self._throughput = Throughput(
+            self.step, self.cfg.train.batch_size * self.cfg.model.context_length
+        )
+        with deferred_interrupt() as interrupted:
+            while self.step < end:
+                # every rank must agree, or the ranks would wait on each other forever
+                if any_rank(interrupted(), self.env, self.device):
+                    self.save()
+                    log.info(
+                        "interrupted at step %d: checkpoint saved; continue with --resume",
+                        self.step,
+                    )
+                    raise KeyboardInterrupt
+                loss = self.train_step()
+                self._after_step(loss, end, bar)
+                if self._evaluated_now() and any_rank(
+                    self._patience_exhausted(), self.env, self.device
+                ):
+                    self.save()  # the latest checkpoint remembers that the run stopped
+                    self._report_early_stop()
+                    return loss, True
+        return loss, False
 
     def _evaluated_now(self) -> bool:
         return (
@@ -393,16 +370,12 @@ class Trainer:
 
     def _after_step(self, loss: float, end: int, bar: tqdm) -> None:
         """Log, evaluate and checkpoint on their intervals."""
-        tcfg, step = self.cfg.train, self.step
-        tokens = step * tcfg.batch_size * self.cfg.model.context_length
+        step = self.step
+        tokens = step * self.cfg.train.batch_size * self.cfg.model.context_length
         bar.update(1)
         if step % self.cfg.logging.log_interval == 0 or step == end:
-            now = time.perf_counter()
-            since, since_step = self._meter
-            tokens_per_s = (step - since_step) * tcfg.batch_size * self.cfg.model.context_length
-            tokens_per_s /= max(now - since, 1e-9)
-            self._meter = (now, step)
-            lr = lr_at(step - 1, tcfg)
+            tokens_per_s = self._throughput.since_last(step)
+            lr = lr_at(step - 1, self.cfg.train)
             self._log(
                 {
                     "step": step,
@@ -413,36 +386,24 @@ class Trainer:
                 }
             )
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        is_best = False
-        if self._evaluated_now():
-            # rank 0 evaluates; every rank takes its result, so all agree on is_best
-            val = from_main(self.evaluate(), self.env, self.device)
-            if val is not None:
-                bpb = self.val_bits_per_byte(val)
-                ppl = math.exp(min(val, 50.0))
-                self._log(
-                    {
-                        "step": step,
-                        "tokens": tokens,
-                        "val_loss": val,
-                        "val_ppl": ppl,
-                        "val_bpb": bpb,
-                    }
-                )
-                log.info(
-                    "step %d: val loss %.4f, perplexity %.2f, %.4f bits per byte",
-                    step,
-                    val,
-                    ppl,
-                    bpb,
-                )
-                if self.best_val is None or val < self.best_val:
-                    self.best_val, self.best_step, is_best = val, step, True
-                    self.evals_since_best = 0
-                else:
-                    self.evals_since_best += 1
-        if is_best or step % tcfg.save_interval == 0 or step == end:
+        is_best = self._evaluated_now() and self._validate(tokens)
+        if is_best or step % self.cfg.train.save_interval == 0 or step == end:
             self.save(best=is_best)
+
+    def _validate(self, tokens: int) -> bool:
+        """Evaluate, log and keep count for early stopping; True for a new best loss."""
+        # rank 0 evaluates; every rank takes its result, so all agree on is_best
+        val = from_main(self.evaluate(), self.env, self.device)
+        if val is None:
+            return False
+        step, bpb, ppl = self.step, self.validation.bits_per_byte(val), math.exp(min(val, 50.0))
+        self._log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl, "val_bpb": bpb})
+        log.info("step %d: val loss %.4f, perplexity %.2f, %.4f bits per byte", step, val, ppl, bpb)
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.best_step, self.evals_since_best = val, step, 0
+            return True
+        self.evals_since_best += 1
+        return False
 
 
 def train(
