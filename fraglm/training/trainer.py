@@ -302,7 +302,8 @@ class Trainer:
             end = self.step  # resuming a run that stopped early: nothing left to do
         try:
             with self.plan.matmul_precision():
-                loss, stopped_early = self._train_until(end, bar)
+                loss, stopped_now = self._train_until(end, bar)
+            stopped_early = stopped_early or stopped_now
         finally:
             bar.close()
             if self.tracker is not None:
