@@ -36,8 +36,10 @@ from fraglm.parallel.distributed import (
 from fraglm.runs import checkpoint as ckpt
 from fraglm.storage import locks
 from fraglm.training.build import build_data, build_tracker
+from fraglm.training.early_stopping import BestValidation
 from fraglm.training.evaluation import token_loss_sum
 from fraglm.training.interrupt import deferred_interrupt
+from fraglm.training.loss_scale import SkippedStepGuard
 from fraglm.training.optim import build_optimizer, optimizer_parts
 from fraglm.training.resume import rng_state, set_rng_state, start_point
 from fraglm.training.schedule import lr_at
@@ -105,14 +107,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
         self.step = 0
-        self.best_val: float | None = None
-        self.best_step: int | None = None
-        self.evals_since_best = 0  # for train.early_stopping_patience
+        self.best = BestValidation()
         if start.state is not None:
             self._load_latest(start.state)
         elif self.env.is_main:
             ckpt.write_run_files(self.run_dir, cfg, Path(cfg.data.tokenized_dir) / TOKENIZER_FILE)
-        self._skipped_in_a_row, self._last_scale = 0, self.scaler.get_scale()
+        self._skip_guard = SkippedStepGuard(self.scaler, tcfg.max_skipped_steps)
         resume_step = self.step if start.state is not None else None
         self.tracker = build_tracker(cfg, self.env, self.run_dir, resume_step)
 
@@ -151,9 +151,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"], self.device)
             self.step = int(state["step"])
-            self.best_val = state.get("best_val")
-            self.best_step = state.get("best_step")
-            self.evals_since_best = int(state.get("evals_since_best", 0))
+            self.best = BestValidation(
+                state.get("best_val"), state.get("best_step"), int(state.get("evals_since_best", 0))
+            )
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise FraglmError(f"checkpoint state in {path} is incompatible: {exc}") from None
 
@@ -163,10 +163,10 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(self.device),
             "step": self.step,
-            "best_val": self.best_val,
+            "best_val": self.best.loss,
             "corpus_fingerprint": self.corpus_fingerprint,
-            "best_step": self.best_step,
-            "evals_since_best": self.evals_since_best,
+            "best_step": self.best.step,
+            "evals_since_best": self.best.evals_since,
         }
 
     def save(self, *, best: bool = False) -> None:
@@ -186,7 +186,7 @@ class Trainer:
         error = None
         if self.env.is_main:
             pointers = ("latest", "best") if best else ("latest",)
-            info = {"val_loss": self.best_val} if best else {}
+            info = {"val_loss": self.best.loss} if best else {}
             try:
                 ckpt.save_checkpoint(
                     self.run_dir,
@@ -255,26 +255,7 @@ class Trainer:
         return total
 
     def _check_skipped_steps(self) -> None:
-        """With fp16's gradient scaler, stop a run whose steps are all being skipped.
-
-        The scaler skips a step with non-finite gradients and halves its scale; a model
-        that overflows at every scale would skip steps forever. Called where the device
-        has just caught up (the loss read), so reading the scale, which the previous
-        step's update set, waits for nothing; a drop means that step was skipped.
-        """
-        if not self.scaler.is_enabled():
-            return
-        scale = self.scaler.get_scale()
-        self._skipped_in_a_row = self._skipped_in_a_row + 1 if scale < self._last_scale else 0
-        self._last_scale = scale
-        limit = self.cfg.train.max_skipped_steps
-        if self._skipped_in_a_row >= limit:
-            raise FraglmError(
-                f"the last {limit} steps were skipped for non-finite fp16 gradients (loss "
-                f"scale now {scale:g}); stopped at step {self.step}, the last good checkpoint "
-                f"in {self.run_dir} is kept (try train.precision=fp32 or bf16, a lower "
-                "train.lr, or a larger train.max_skipped_steps)"
-            )
+        self._skip_guard.check(self.step, self.run_dir)
 
     def evaluate(self) -> float | None:
         """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
@@ -313,7 +294,7 @@ class Trainer:
             self.run_dir,
             self.step,
             loss,
-            self.best_val,
+            self.best.loss,
             self.model.num_parameters(),
             stopped_early,
         )
@@ -350,18 +331,16 @@ class Trainer:
         )
 
     def _patience_exhausted(self) -> bool:
-        """True on rank 0 once train.early_stopping_patience evaluations have not improved."""
-        patience = self.cfg.train.early_stopping_patience
-        return patience > 0 and self.evals_since_best >= patience
+        return self.best.patience_exhausted(self.cfg.train.early_stopping_patience)
 
     def _report_early_stop(self) -> None:
         log.info(
             "early stopping at step %d: validation loss has not improved for %d evaluations; "
             "best %.4f at step %d, kept in %s",
             self.step,
-            self.evals_since_best,
-            self.best_val,
-            self.best_step,
+            self.best.evals_since,
+            self.best.loss,
+            self.best.step,
             ckpt.checkpoint_dir(self.run_dir, "best"),
         )
 
@@ -400,11 +379,7 @@ class Trainer:
         step, bpb, ppl = self.step, self.validation.bits_per_byte(val), math.exp(min(val, 50.0))
         self._log({"step": step, "tokens": tokens, "val_loss": val, "val_ppl": ppl, "val_bpb": bpb})
         log.info("step %d: val loss %.4f, perplexity %.2f, %.4f bits per byte", step, val, ppl, bpb)
-        if self.best_val is None or val < self.best_val:
-            self.best_val, self.best_step, self.evals_since_best = val, step, 0
-            return True
-        self.evals_since_best += 1
-        return False
+        return self.best.record(val, step)
 
 
 def train(
