@@ -21,7 +21,7 @@ from fraglm.data.corpus import (
 from fraglm.data.tokenizer import special_ids, token_byte_lengths, vocab_size
 from fraglm.errors import FraglmError
 from fraglm.parallel.distributed import DistEnv, wait_for_main
-from fraglm.training.evaluation import ValidationSet
+from fraglm.training.evaluation import EvalWindows
 from fraglm.training.resume import StartPoint, check_same_corpus, check_same_tokenizer
 from fraglm.training.tracking import Tracker
 
@@ -34,7 +34,7 @@ class TrainData:
     split is shorter than one window), and what the trainer needs of the tokenizer."""
 
     train_sampler: WindowSampler
-    validation: ValidationSet | None
+    validation: EvalWindows | None
     vocab_size: int
     corpus_fingerprint: str | None  # of the shards, saved in checkpoints
 
@@ -58,9 +58,7 @@ def build_data(cfg: Config, env: DistEnv, start: StartPoint, run_dir: Path) -> T
     validation = None
     if len(val_tokens) >= context + 2:
         sampler = make_sampler(val_tokens, cfg, ids)
-        micro_batch = cfg.train.batch_size // cfg.train.grad_accum
-        starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
-        validation = ValidationSet(sampler, starts, micro_batch, token_byte_lengths(tokenizer))
+        validation = EvalWindows.of(sampler, cfg.train, token_byte_lengths(tokenizer))
     else:
         log.warning("note: validation split too short for context %d; no evaluation", context)
     return TrainData(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fraglm.config import TrainConfig
 from fraglm.data.batches import Batch, WindowSampler
 from fraglm.device import Precision
 
@@ -63,14 +64,23 @@ def bits_per_byte(mean_loss: float, tokens: int, n_bytes: int) -> float:
 
 
 @dataclass(frozen=True)
-class ValidationSet:
-    """The fixed validation windows the trainer evaluates on: the same at every
-    evaluation, and so are their token and byte counts."""
+class EvalWindows:
+    """Fixed windows of held-out text, evaluated ``batch_size`` at a time: the validation
+    split's (:meth:`of`; the same at every evaluation, and so are their token and byte
+    counts), or every window of another corpus file (``fraglm eval --data``)."""
 
     sampler: WindowSampler
     starts: np.ndarray
     batch_size: int
     token_bytes: np.ndarray  # UTF-8 bytes per token id
+
+    @classmethod
+    def of(cls, sampler: WindowSampler, cfg: TrainConfig, token_bytes: np.ndarray) -> EvalWindows:
+        """The windows of the validation split ``sampler`` draws from: ``train.eval_batches``
+        micro-batches, at fixed places (what ``fraglm eval`` reproduces)."""
+        micro_batch = cfg.batch_size // cfg.grad_accum
+        starts = sampler.eval_starts(cfg.eval_batches * micro_batch)
+        return cls(sampler, starts, micro_batch, token_bytes)
 
     def loss(self, model: torch.nn.Module, precision: Precision, device: torch.device) -> float:
         loss, _ = evaluate(

@@ -15,7 +15,7 @@ from fraglm.data.tokenizer import special_ids, token_byte_lengths
 from fraglm.device import plan_device
 from fraglm.errors import FraglmError
 from fraglm.runs.loading import LoadedRun, load_run
-from fraglm.training.evaluation import bits_per_byte, evaluate
+from fraglm.training.evaluation import EvalWindows
 
 
 @dataclass
@@ -39,7 +39,6 @@ def evaluate_run(
     loaded = load_run(run, which=which, device=device)
     cfg, context = loaded.cfg, loaded.cfg.model.context_length
     ids = special_ids(loaded.tokenizer)
-    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     if data is None:
         tokens = load_tokens(cfg.data.tokenized_dir, "val")
         _check_split_belongs_to(loaded)
@@ -55,22 +54,17 @@ def evaluate_run(
         raise FraglmError(
             f"{source} has {len(tokens)} tokens; evaluation needs at least {context + 2}"
         )
-    sampler = make_sampler(tokens, cfg, ids)
+    sampler, token_bytes = make_sampler(tokens, cfg, ids), token_byte_lengths(loaded.tokenizer)
     if data is None:
-        starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
+        windows = EvalWindows.of(sampler, cfg.train, token_bytes)
     else:
         starts = np.arange(0, sampler.max_start + 1, context)
+        micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+        windows = EvalWindows(sampler, starts, micro_batch, token_bytes)
     precision = plan_device(loaded.device, cfg.train, cfg.model).precision
-    loss, count = evaluate(
-        loaded.model,
-        sampler,
-        starts,
-        batch_size=micro_batch,
-        precision=precision,
-        device=loaded.device,
-    )
-    n_bytes = sampler.counted_target_bytes(starts, token_byte_lengths(loaded.tokenizer))
-    return EvalResult(loss, count, source, bits_per_byte(loss, count, n_bytes))
+    loss = windows.loss(loaded.model, precision, loaded.device)
+    tokens_counted = sampler.counted_targets(windows.starts)
+    return EvalResult(loss, tokens_counted, source, windows.bits_per_byte(loss))
 
 
 def _check_split_belongs_to(loaded: LoadedRun) -> None:
