@@ -1,7 +1,9 @@
-"""What a run starts from, and the checks that a resumed run is still the run it was.
+"""What a run starts from, the checks that a resumed run is still the run it was, and the
+training state a checkpoint holds besides the weights.
 
 A resumed run may change its schedule, not the model, the corpus or the tokenizer it was
-built on; and it restores every random number generator, so it continues bit-identically.
+built on; and it restores the optimizer, the scaler and every random number generator, so
+it continues bit-identically.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from fraglm.data.tokenizer import load_tokenizer
 from fraglm.errors import FraglmError
 from fraglm.runs import checkpoint as ckpt
 from fraglm.runs.init_from import parent_run
+from fraglm.training.early_stopping import BestValidation
+from fraglm.training.optim import optimizer_parts
 
 _NEW_RUN = "restore it, or train a new run with another train.out_dir"
 
@@ -85,7 +89,54 @@ def check_same_tokenizer(run_dir: Path, data_dir: Path) -> None:
         )
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def training_state(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    step: int,
+    best: BestValidation,
+    corpus_fingerprint: str | None,
+) -> dict[str, Any]:
+    """What a checkpoint holds besides the weights: the rest of what shapes the loss curve."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(device),
+        "step": step,
+        "best_val": best.loss,
+        "corpus_fingerprint": corpus_fingerprint,
+        "best_step": best.step,
+        "evals_since_best": best.evals_since,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    ckpt_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[int, BestValidation]:
+    """Load the checkpoint in ``ckpt_dir`` (its ``state`` read already) into a freshly
+    built model, optimizer and scaler, and the RNGs; the step and best validation to
+    continue from."""
+    ckpt.load_weights(model, ckpt_dir)
+    for part, saved in optimizer_parts(optimizer, state["optimizer"], ckpt_dir):
+        ckpt.check_optimizer_state(saved, part, ckpt_dir / ckpt.STATE_FILE)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], device)
+        best = BestValidation(
+            state.get("best_val"), state.get("best_step"), int(state.get("evals_since_best", 0))
+        )
+        return int(state["step"]), best
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise FraglmError(f"checkpoint state in {ckpt_dir} is incompatible: {exc}") from None
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -94,7 +145,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

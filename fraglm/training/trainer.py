@@ -40,8 +40,8 @@ from fraglm.training.early_stopping import BestValidation
 from fraglm.training.evaluation import token_loss_sum
 from fraglm.training.interrupt import deferred_interrupt
 from fraglm.training.loss_scale import SkippedStepGuard
-from fraglm.training.optim import build_optimizer, optimizer_parts
-from fraglm.training.resume import rng_state, set_rng_state, start_point
+from fraglm.training.optim import build_optimizer
+from fraglm.training.resume import restore_training_state, start_point, training_state
 from fraglm.training.schedule import lr_at
 from fraglm.training.tracking import Throughput
 
@@ -109,7 +109,9 @@ class Trainer:
         self.step = 0
         self.best = BestValidation()
         if start.state is not None:
-            self._load_latest(start.state)
+            self.step, self.best = restore_training_state(
+                start.state, self.resume_dir, self.model, self.optimizer, self.scaler, self.device
+            )
         elif self.env.is_main:
             ckpt.write_run_files(self.run_dir, cfg, Path(cfg.data.tokenized_dir) / TOKENIZER_FILE)
         self._skip_guard = SkippedStepGuard(self.scaler, tcfg.max_skipped_steps)
@@ -141,34 +143,6 @@ class Trainer:
                 self.device.type,
             )
 
-    def _load_latest(self, state: dict[str, Any]) -> None:
-        path = self.resume_dir
-        ckpt.load_weights(self.model, path)
-        for optimizer, saved in optimizer_parts(self.optimizer, state["optimizer"], path):
-            ckpt.check_optimizer_state(saved, optimizer, path / ckpt.STATE_FILE)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"], self.device)
-            self.step = int(state["step"])
-            self.best = BestValidation(
-                state.get("best_val"), state.get("best_step"), int(state.get("evals_since_best", 0))
-            )
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise FraglmError(f"checkpoint state in {path} is incompatible: {exc}") from None
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(self.device),
-            "step": self.step,
-            "best_val": self.best.loss,
-            "corpus_fingerprint": self.corpus_fingerprint,
-            "best_step": self.best.step,
-            "evals_since_best": self.best.evals_since,
-        }
-
     def save(self, *, best: bool = False) -> None:
         """Checkpoint (rank 0 writes: all ranks hold the same weights and optimizer state).
 
@@ -191,7 +165,14 @@ class Trainer:
                 ckpt.save_checkpoint(
                     self.run_dir,
                     self.model,
-                    self._state(),
+                    training_state(
+                        self.optimizer,
+                        self.scaler,
+                        self.device,
+                        self.step,
+                        self.best,
+                        self.corpus_fingerprint,
+                    ),
                     step=self.step,
                     pointers=pointers,
                     info=info,
