@@ -59,6 +59,10 @@ class TrainResult:
 
 
 class Trainer:
+    """The loop (``train_step``, ``evaluate``, ``save``, ``run``) over components that
+    :mod:`fraglm.training.build`, :mod:`~fraglm.training.resume` and
+    :mod:`~fraglm.training.optim` build; the model is built and wrapped here."""
+
     def __init__(
         self,
         cfg: Config,

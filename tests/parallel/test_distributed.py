@@ -43,6 +43,7 @@ def _train(tmp_path: Path, name: str, nproc: int, *extra: str) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("model: ") == 1, result.stdout  # rank 0 speaks, not every rank
     return _losses(out)
 
 
