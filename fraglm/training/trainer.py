@@ -106,6 +106,8 @@ class Trainer:
         self.train_sampler, self.validation = data.train_sampler, data.validation
         self.vocab_size, self.corpus_fingerprint = data.vocab_size, data.corpus_fingerprint
         self.device = resolve_device(tcfg.device)
+        if self.env.enabled and self.device.type == "cuda":  # cuda:N too: a GPU per rank
+            self.device = torch.device("cuda", self.env.local_rank)
         self.plan = plan_device(self.device, tcfg, cfg.model)
         self._build_model(start.parent)
         self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
