@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from tqdm.auto import tqdm
 
 from fraglm.config import Config, SampleConfig, from_dict, load_config, reference_markdown
 from fraglm.errors import FraglmError, describe_exception, read_text_file
@@ -22,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 DEBUG_ENV = "FRAGLM_DEBUG"
+LOG_ALL_RANKS_ENV = "FRAGLM_LOG_ALL_RANKS"
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -299,7 +302,7 @@ def eval_(
     device: DeviceOption = "auto",
 ) -> None:
     """Validation loss, perplexity, bits per byte and token count of a trained run."""
-    from fraglm.training.evaluation import evaluate_run
+    from fraglm.training.run_evaluation import evaluate_run
 
     result = evaluate_run(run, data=data, which=_checkpoint_choice(checkpoint), device=device)
     typer.echo(
@@ -420,6 +423,38 @@ def _options(
 ) -> None:
     if debug:
         _session["debug"] = True
+    _configure_logging()
+
+
+class _StatusLines(logging.Handler):
+    """fraglm's status lines, plain, on stdout: through ``tqdm.write``, so a progress bar
+    on screen is not broken up, and to the ``sys.stdout`` of the moment (which tests and
+    callers may replace)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def _on_rank_zero(record: logging.LogRecord) -> bool:
+    return os.environ.get("RANK", "0") == "0"  # RANK: set by torchrun for every rank
+
+
+_status_lines = _StatusLines()
+
+
+def _configure_logging() -> None:
+    """The ``fraglm.*`` loggers speak at INFO on stdout; under torchrun only rank 0 does,
+    unless ``FRAGLM_LOG_ALL_RANKS=1``. Set here, in the command, never by library code."""
+    logger = logging.getLogger("fraglm")
+    logger.setLevel(logging.INFO)
+    _status_lines.filters.clear()
+    if os.environ.get(LOG_ALL_RANKS_ENV, "") in ("", "0"):
+        _status_lines.addFilter(_on_rank_zero)
+    if _status_lines not in logger.handlers:
+        logger.addHandler(_status_lines)
 
 
 _own_process = False  # set by command(): this process is the fraglm command's own

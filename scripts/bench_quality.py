@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 from fraglm.config import ModelConfig, load_config  # noqa: E402
 from fraglm.export.hf import llama_config  # noqa: E402
 from fraglm.nn.loss import IGNORE_INDEX  # noqa: E402
+from fraglm.training.optim import build_optimizer  # noqa: E402
 from fraglm.training.tracking import read_metrics  # noqa: E402
-from fraglm.training.trainer import Trainer, build_optimizer  # noqa: E402
+from fraglm.training.trainer import Trainer  # noqa: E402
 
 PROMPT = "What are the symptoms of high blood pressure?"
 DEFAULT_VARIANTS = ["p100:config=configs/p100.yaml", "seed:config=configs/seed.yaml"]

@@ -73,7 +73,7 @@ from fraglm.errors import FraglmError
 from fraglm.export.hf import llama_config
 from fraglm.nn.model import Transformer
 from fraglm.training.allocator import keep_freed_memory
-from fraglm.training.trainer import build_optimizer
+from fraglm.training.optim import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 8000

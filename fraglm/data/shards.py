@@ -184,23 +184,31 @@ def read_meta(tokenized_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def is_up_to_date(cfg: Config, tokenizer: Tokenizer | None = None) -> bool:
+def is_up_to_date(
+    cfg: Config, tokenizer: Tokenizer | None = None, *, fingerprint: str | None = None
+) -> bool:
     """True when the token shards exist and were made from this corpus with these settings
-    (and with ``tokenizer``, when given)."""
+    (and with ``tokenizer``, when given). ``fingerprint``: the corpus's, when the caller
+    has computed it already (it reads the whole corpus)."""
     root = Path(cfg.data.tokenized_dir)
     meta = read_meta(root)
     if meta is None or not all(
         (root / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin")
     ):
         return False
-    return meta.get("fingerprint") == corpus_fingerprint(cfg, tokenizer=tokenizer)
+    return meta.get("fingerprint") == (fingerprint or corpus_fingerprint(cfg, tokenizer=tokenizer))
 
 
 def ensure_tokenized(
-    cfg: Config, *, progress: bool = True, tokenizer: Tokenizer | None = None
+    cfg: Config,
+    *,
+    progress: bool = True,
+    tokenizer: Tokenizer | None = None,
+    fingerprint: str | None = None,
 ) -> TokenizeSummary | None:
-    """Run ``tokenize`` when the shards are missing or stale; None when they were current."""
-    if is_up_to_date(cfg, tokenizer):
+    """Run ``tokenize`` when the shards are missing or stale; None when they were current.
+    ``fingerprint``: as for :func:`is_up_to_date`."""
+    if is_up_to_date(cfg, tokenizer, fingerprint=fingerprint):
         return None
     return tokenize(cfg, progress=progress, tokenizer=tokenizer)
 

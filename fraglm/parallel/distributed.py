@@ -78,11 +78,11 @@ def setup(cfg: Config) -> DistEnv:
     if world == 1:
         return DistEnv()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
-    if use_cuda:
+    backend = backend_for(cfg.train.device, cuda_available=torch.cuda.is_available())
+    if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend)
     wait_group = dist.new_group(backend="gloo", timeout=TOKENIZE_TIMEOUT)
     cp_group = None
     if cp > 1:
@@ -91,6 +91,15 @@ def setup(cfg: Config) -> DistEnv:
             if first <= rank < first + cp:
                 cp_group = group
     return DistEnv(rank, world, local_rank, cp, cp_group, wait_group)
+
+
+def backend_for(device: str, *, cuda_available: bool) -> str:
+    """The process group's backend for ``train.device``, chosen by the device's type:
+    NCCL on CUDA (``cuda``, ``cuda:N``, or ``auto`` where a GPU is present), gloo
+    otherwise (an unavailable CUDA device is refused later, by ``resolve_device``)."""
+    device_type = device.split(":", 1)[0]
+    uses_cuda = device_type == "cuda" or (device_type == "auto" and cuda_available)
+    return "nccl" if uses_cuda and cuda_available else "gloo"
 
 
 def teardown(env: DistEnv) -> None:

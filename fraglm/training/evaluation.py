@@ -1,22 +1,18 @@
-"""Loss on held-out text: the trainer's periodic evaluation and ``fraglm eval``."""
+"""Loss on held-out text: the training loss, and the validation loss over fixed windows
+(the trainer's periodic evaluation; ``fraglm eval`` in :mod:`fraglm.training.run_evaluation`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from fraglm.data.batches import Batch, WindowSampler, make_sampler
-from fraglm.data.corpus import load_records, make_documents
-from fraglm.data.shards import load_tokens, read_meta
-from fraglm.data.tokenizer import TOKENIZER_FILE, special_ids, token_byte_lengths
-from fraglm.device import Precision, plan_device
-from fraglm.errors import FraglmError
-from fraglm.runs.loading import LoadedRun, load_run
+from fraglm.config import TrainConfig
+from fraglm.data.batches import Batch, WindowSampler
+from fraglm.device import Precision
 
 
 def token_loss_sum(
@@ -67,78 +63,36 @@ def bits_per_byte(mean_loss: float, tokens: int, n_bytes: int) -> float:
     return mean_loss * tokens / (math.log(2) * max(n_bytes, 1))
 
 
-@dataclass
-class EvalResult:
-    loss: float
-    tokens: int
-    source: str
-    bits_per_byte: float
+@dataclass(frozen=True)
+class EvalWindows:
+    """Fixed windows of held-out text, evaluated ``batch_size`` at a time: the validation
+    split's (:meth:`of`; the same at every evaluation, and so are their token and byte
+    counts), or every window of another corpus file (``fraglm eval --data``)."""
 
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
+    sampler: WindowSampler
+    starts: np.ndarray
+    batch_size: int
+    token_bytes: np.ndarray  # UTF-8 bytes per token id
 
+    @classmethod
+    def of(cls, sampler: WindowSampler, cfg: TrainConfig, token_bytes: np.ndarray) -> EvalWindows:
+        """The windows of the validation split ``sampler`` draws from: ``train.eval_batches``
+        micro-batches, at fixed places (what ``fraglm eval`` reproduces)."""
+        micro_batch = cfg.batch_size // cfg.grad_accum
+        starts = sampler.eval_starts(cfg.eval_batches * micro_batch)
+        return cls(sampler, starts, micro_batch, token_bytes)
 
-def evaluate_run(
-    run: str | Path | None, *, data: str | None = None, which: str = "best", device: str = "auto"
-) -> EvalResult:
-    """Validation loss and bits per byte of a run: on its own validation split (the same
-    windows the trainer evaluates), or on every window of another corpus file encoded with
-    the run's tokenizer."""
-    loaded = load_run(run, which=which, device=device)
-    cfg, context = loaded.cfg, loaded.cfg.model.context_length
-    ids = special_ids(loaded.tokenizer)
-    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
-    if data is None:
-        tokens = load_tokens(cfg.data.tokenized_dir, "val")
-        _check_split_belongs_to(loaded)
-        source = f"{cfg.data.tokenized_dir}/val.bin"
-    else:
-        documents = make_documents(
-            load_records(replace(cfg.data, path=data, max_records=None)), cfg.data
+    def loss(self, model: torch.nn.Module, precision: Precision, device: torch.device) -> float:
+        loss, _ = evaluate(
+            model,
+            self.sampler,
+            self.starts,
+            batch_size=self.batch_size,
+            precision=precision,
+            device=device,
         )
-        encoded = loaded.tokenizer.encode_batch(documents)
-        tokens = np.fromiter((i for e in encoded for i in e.ids), dtype=np.int64)
-        source = data
-    if len(tokens) < context + 2:
-        raise FraglmError(
-            f"{source} has {len(tokens)} tokens; evaluation needs at least {context + 2}"
-        )
-    sampler = make_sampler(tokens, cfg, ids)
-    if data is None:
-        starts = sampler.eval_starts(cfg.train.eval_batches * micro_batch)
-    else:
-        starts = np.arange(0, sampler.max_start + 1, context)
-    precision = plan_device(loaded.device, cfg.train, cfg.model).precision
-    loss, count = evaluate(
-        loaded.model,
-        sampler,
-        starts,
-        batch_size=micro_batch,
-        precision=precision,
-        device=loaded.device,
-    )
-    n_bytes = sampler.counted_target_bytes(starts, token_byte_lengths(loaded.tokenizer))
-    return EvalResult(loss, count, source, bits_per_byte(loss, count, n_bytes))
+        return loss
 
-
-def _check_split_belongs_to(loaded: LoadedRun) -> None:
-    """The validation split in ``data.tokenized_dir`` must still be the one the run was
-    trained with: tokenizing again into that directory (another vocabulary, corpus or
-    split) would give a meaningless loss, or token ids past the model's vocabulary."""
-    data = loaded.cfg.data
-    root = Path(data.tokenized_dir)
-    meta = read_meta(root) or {}
-    same_split = (meta.get("split_seed"), meta.get("val_fraction")) == (
-        data.split_seed,
-        data.val_fraction,
-    )
-    if not same_split or _text(root / TOKENIZER_FILE) != _text(loaded.run_dir / TOKENIZER_FILE):
-        raise FraglmError(
-            f"{root} has been tokenized again since run {loaded.run_dir} was trained; "
-            "its validation split is gone (evaluate on a corpus file with --data)"
-        )
-
-
-def _text(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    def bits_per_byte(self, loss: float) -> float:
+        n_bytes = self.sampler.counted_target_bytes(self.starts, self.token_bytes)
+        return bits_per_byte(loss, self.sampler.counted_targets(self.starts), n_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,18 @@ def _start_wandb(run_dir: Path, cfg: Config, *, resume: bool) -> Any:
             f"wandb could not start ({first_line(exc)}); "
             "use logging.wandb_mode=offline or logging.wandb=false"
         ) from None
+
+
+class Throughput:
+    """Tokens per second between readings (steps of ``tokens_per_step`` tokens)."""
+
+    def __init__(self, step: int, tokens_per_step: int) -> None:
+        self._tokens_per_step = tokens_per_step
+        self._last = (time.perf_counter(), step)
+
+    def since_last(self, step: int) -> float:
+        """The rate since the previous reading (or the start), now at ``step``."""
+        now = time.perf_counter()
+        since, since_step = self._last
+        self._last = (now, step)
+        return (step - since_step) * self._tokens_per_step / max(now - since, 1e-9)

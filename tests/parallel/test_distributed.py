@@ -10,7 +10,7 @@ import pytest
 
 from fraglm.config import load_config
 from fraglm.errors import FraglmError
-from fraglm.parallel.distributed import setup
+from fraglm.parallel.distributed import backend_for, setup
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -43,6 +43,7 @@ def _train(tmp_path: Path, name: str, nproc: int, *extra: str) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("model: ") == 1, result.stdout  # rank 0 speaks, not every rank
     return _losses(out)
 
 
@@ -97,3 +98,19 @@ def test_context_must_split_into_zigzag_chunks(monkeypatch):
     )
     with pytest.raises(FraglmError, match=r"divisible by 2 \* train\.context_parallel"):
         setup(cfg)
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda_available", "backend"),
+    [
+        ("cuda", True, "nccl"),
+        ("cuda:0", True, "nccl"),
+        ("cuda:3", True, "nccl"),
+        ("auto", True, "nccl"),
+        ("auto", False, "gloo"),
+        ("cpu", True, "gloo"),
+        ("mps", False, "gloo"),
+    ],
+)
+def test_the_backend_follows_the_device_type(device, cuda_available, backend):
+    assert backend_for(device, cuda_available=cuda_available) == backend

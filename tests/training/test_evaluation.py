@@ -18,7 +18,8 @@ from fraglm.device import Precision
 from fraglm.nn.model import Transformer
 from fraglm.runs import checkpoint as ckpt
 from fraglm.runs.loading import load_run
-from fraglm.training.evaluation import bits_per_byte, evaluate, evaluate_run
+from fraglm.training.evaluation import bits_per_byte, evaluate
+from fraglm.training.run_evaluation import evaluate_run
 from fraglm.training.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -238,6 +238,27 @@ def test_resume_with_another_optimizer(tokenized, run_copy, tmp_path, run_cli):
     )
 
 
+def test_a_resume_hashes_the_corpus_once(tokenized, run_copy, monkeypatch):
+    """The resume check's corpus fingerprint is the one compared with the shards'."""
+    from fraglm.data.corpus import corpus_fingerprint
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return corpus_fingerprint(*args, **kwargs)
+
+    for module in list(sys.modules.values()):  # every fraglm module that holds the function
+        name = getattr(module, "__name__", "")
+        if (
+            name.startswith("fraglm.")
+            and vars(module).get("corpus_fingerprint") is corpus_fingerprint
+        ):
+            monkeypatch.setattr(module, "corpus_fingerprint", counting)
+    Trainer(make_config(tokenized, run_copy), resume=True).close()
+    assert len(calls) == 1
+
+
 # early stopping
 
 
