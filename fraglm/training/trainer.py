@@ -46,8 +46,12 @@ from fraglm.parallel.distributed import (
     teardown,
     wait_for_main,
 )
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs.checkpoint import save_checkpoint
 from fraglm.runs.init_from import parent_run
+from fraglm.runs.layout import STATE_FILE, load_run_config, write_run_files
+from fraglm.runs.pointers import checkpoint_dir
+from fraglm.runs.resume import open_run_dir
+from fraglm.runs.verify import Checkpoint, check_optimizer_state, load_weights
 from fraglm.storage import locks
 from fraglm.training.evaluation import bits_per_byte, evaluate, token_loss_sum
 from fraglm.training.optim import build_optimizer, optimizer_parts
@@ -165,15 +169,15 @@ class Trainer:
         self.cfg = cfg
         tcfg = cfg.train
         self.run_dir = Path(tcfg.out_dir)
-        self.resume_dir = ckpt.open_run_dir(
+        resumed = open_run_dir(
             self.run_dir,
             resume=resume,
             resume_from=resume_from,
             overwrite=overwrite,
             writable=self.env.is_main,
         )
-        resume = self.resume_dir is not None
-        saved = ckpt.load_run_config(self.run_dir) if resume else None
+        resume = resumed is not None
+        saved = load_run_config(self.run_dir) if resume else None
         parent = None if resume else parent_run(cfg)
         # a run started from another keeps the parent's tokenizer (a copy is in its run dir),
         # also when it is resumed without --init-from
@@ -185,7 +189,7 @@ class Trainer:
         resumed_state = None
         if saved is not None:
             _check_compatible(saved, cfg)
-            resumed_state = ckpt.load_state(self.resume_dir)
+            resumed_state = resumed.state
             _check_same_corpus(self.run_dir, resumed_state, cfg, given)
 
         if self.env.is_main:
@@ -224,8 +228,8 @@ class Trainer:
         model_cfg = replace(cfg.model, fragment_impl=self.plan.attention)
         self.model = Transformer(model_cfg, self.vocab_size).to(self.device)
         if parent is not None:
-            start = ckpt.checkpoint_dir(parent, "best")
-            ckpt.load_weights(self.model, start)
+            start = checkpoint_dir(parent, "best")
+            load_weights(self.model, start)
             if self.env.is_main:
                 print(f"initialised from {start}")
         self.forward_model: torch.nn.Module = self.model
@@ -245,10 +249,10 @@ class Trainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.evals_since_best = 0  # for train.early_stopping_patience
-        if resumed_state is not None:
-            self._load_latest(resumed_state)
+        if resumed is not None:
+            self._load_latest(resumed)
         elif self.env.is_main:
-            ckpt.write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
+            write_run_files(self.run_dir, cfg, data_dir / TOKENIZER_FILE)
         self._skipped_in_a_row, self._last_scale = 0, self.scaler.get_scale()
         self.tracker = (
             Tracker(self.run_dir, cfg, resume_step=self.step if resume else None)
@@ -256,11 +260,11 @@ class Trainer:
             else None
         )
 
-    def _load_latest(self, state: dict[str, Any]) -> None:
-        path = self.resume_dir
-        ckpt.load_weights(self.model, path)
+    def _load_latest(self, resumed: Checkpoint) -> None:
+        path, state = resumed.path, resumed.state
+        resumed.load_weights_into(self.model)
         for optimizer, saved in optimizer_parts(self.optimizer, state["optimizer"], path):
-            ckpt.check_optimizer_state(saved, optimizer, path / ckpt.STATE_FILE)
+            check_optimizer_state(saved, optimizer, path / STATE_FILE)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
@@ -303,7 +307,7 @@ class Trainer:
             pointers = ("latest", "best") if best else ("latest",)
             info = {"val_loss": self.best_val} if best else {}
             try:
-                ckpt.save_checkpoint(
+                save_checkpoint(
                     self.run_dir,
                     self.model,
                     self._state(),
@@ -492,7 +496,7 @@ class Trainer:
     def _report_early_stop(self, bar: tqdm) -> None:
         if not self.env.is_main:
             return
-        best = ckpt.checkpoint_dir(self.run_dir, "best")
+        best = checkpoint_dir(self.run_dir, "best")
         bar.write(
             f"early stopping at step {self.step}: validation loss has not improved for "
             f"{self.evals_since_best} evaluations; best {self.best_val:.4f} at step "

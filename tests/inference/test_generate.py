@@ -33,6 +33,7 @@ from fraglm.inference.generate import (
 )
 from fraglm.nn.model import Transformer
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout
 from fraglm.runs.loading import load_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -346,7 +347,7 @@ def run_dir(tmp_path_factory, tokenizer) -> Path:
         ],
     )
     run = Path(cfg.train.out_dir)
-    ckpt.write_run_files(run, cfg, tokenizer_path)
+    layout.write_run_files(run, cfg, tokenizer_path)
     torch.manual_seed(0)
     model = Transformer(cfg.model, vocab_size(tokenizer))
     ckpt.save_checkpoint(run, model, {"step": 1}, step=1, pointers=("latest", "best"))
