@@ -99,7 +99,11 @@ def _adopt(run_dir: Path, chosen: Path) -> None:
     write_pointer(run_dir, "latest", {"dir": chosen.name, "step": step})
     try:
         best = read_pointer(run_dir, "best")
-        usable = best is not None and best["step"] <= step and verifies(run_dir / best["dir"])
+        usable = (
+            best is not None
+            and best["step"] <= step
+            and (best["dir"] == chosen.name or verifies(run_dir / best["dir"]))
+        )
     except FraglmError:
         usable = False
     if not usable:

@@ -343,9 +343,10 @@ def test_resume_with_a_broken_pointer_names_it(tmp_path):
         resume.resume_target(tmp_path)
 
 
-def test_resuming_reads_and_hashes_each_checkpoint_file_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("resume_from", [None, "step-0000001"])
+def test_resuming_reads_and_hashes_each_checkpoint_file_once(tmp_path, monkeypatch, resume_from):
     model = _model(0)
-    ckpt.save_checkpoint(tmp_path, model, _state(1, model), step=1)
+    ckpt.save_checkpoint(tmp_path, model, _state(1, model), step=1, pointers=("latest", "best"))
     reads, hashed = [], []
     read_bytes, sha256 = Path.read_bytes, hashlib.sha256
     monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p.name) or read_bytes(p))
@@ -353,7 +354,7 @@ def test_resuming_reads_and_hashes_each_checkpoint_file_once(tmp_path, monkeypat
         hashlib, "sha256", lambda data=b"": hashed.append(len(data)) or sha256(data)
     )
     resumed = resume.open_run_dir(
-        tmp_path, resume=True, resume_from=None, overwrite=False, writable=True
+        tmp_path, resume=True, resume_from=resume_from, overwrite=False, writable=True
     )
     loaded = _model(1)
     resumed.load_weights_into(loaded)
