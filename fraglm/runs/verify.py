@@ -71,7 +71,7 @@ def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def read_verified(ckpt_dir: Path, name: str, manifest: dict[str, dict[str, Any]]) -> bytes:
+def _read_verified(ckpt_dir: Path, name: str, manifest: dict[str, dict[str, Any]]) -> bytes:
     """The bytes of ``ckpt_dir/name``, read once and checked against ``manifest``."""
     entry, path = manifest[name], ckpt_dir / name
     try:
@@ -93,10 +93,10 @@ def read_verified(ckpt_dir: Path, name: str, manifest: dict[str, dict[str, Any]]
     return data
 
 
-def read_weights(ckpt_dir: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+def _read_weights(ckpt_dir: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The checkpoint's verified, finite tensors by name, tied names included."""
     path = ckpt_dir / WEIGHTS_FILE
-    data = read_verified(ckpt_dir, WEIGHTS_FILE, manifest)
+    data = _read_verified(ckpt_dir, WEIGHTS_FILE, manifest)
     try:
         tensors = safetensors.torch.load(data)
     except (SafetensorError, RuntimeError, ValueError) as exc:
@@ -132,14 +132,14 @@ def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], pa
 
 def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Verified, finite weights of the checkpoint into ``model``."""
-    tensors = read_weights(ckpt_dir, read_manifest(ckpt_dir))
+    tensors = _read_weights(ckpt_dir, read_manifest(ckpt_dir))
     _assign_weights(model, tensors, ckpt_dir / WEIGHTS_FILE)
 
 
-def read_state(ckpt_dir: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _read_state(ckpt_dir: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The verified training state of the checkpoint, checked for the types it must have."""
     path = ckpt_dir / STATE_FILE
-    data = read_verified(ckpt_dir, STATE_FILE, manifest)
+    data = _read_verified(ckpt_dir, STATE_FILE, manifest)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -150,19 +150,14 @@ def read_state(ckpt_dir: Path, manifest: dict[str, dict[str, Any]]) -> dict[str,
     return state
 
 
-def load_state(ckpt_dir: Path) -> dict[str, Any]:
-    """The verified training state of the checkpoint."""
-    return read_state(ckpt_dir, read_manifest(ckpt_dir))
-
-
 def verify_checkpoint(ckpt_dir: Path) -> Checkpoint:
     """The checkpoint, every file of it matching its manifest, read once (raises a
     one-line error)."""
     if not ckpt_dir.is_dir():
         raise FraglmError(f"checkpoint {ckpt_dir} is missing")
     manifest = read_manifest(ckpt_dir)
-    weights = read_weights(ckpt_dir, manifest)
-    return Checkpoint(ckpt_dir, weights, read_state(ckpt_dir, manifest))
+    weights = _read_weights(ckpt_dir, manifest)
+    return Checkpoint(ckpt_dir, weights, _read_state(ckpt_dir, manifest))
 
 
 def verifies(ckpt_dir: Path) -> bool:

@@ -45,7 +45,7 @@ def test_round_trip_of_weights_and_state(tmp_path):
     verify.load_weights(loaded, path)
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert verify.load_state(path)["step"] == 5
+    assert verify.verify_checkpoint(path).state["step"] == 5
 
 
 def test_old_checkpoints_are_removed_but_best_is_kept(tmp_path):
@@ -70,7 +70,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypat
     path = pointers.checkpoint_dir(tmp_path, "latest")
     assert path.name == "step-0000001"
     verify.load_weights(_model(2), path)
-    assert verify.load_state(path)["step"] == 1
+    assert verify.verify_checkpoint(path).state["step"] == 1
     # the next successful save cleans up the half-written directory
     ckpt.save_checkpoint(tmp_path, _model(0), _state(3), step=3)
     assert not list(tmp_path.glob(".step-*"))
@@ -88,7 +88,7 @@ def test_loading_state_never_runs_pickled_code(tmp_path, monkeypatch):
     torch.save({"step": 1, "payload": _Exploit()}, path / layout.STATE_FILE)
     ckpt.write_manifest(path, 1)  # even with a matching checksum
     with pytest.raises(FraglmError, match="corrupt or unsafe"):
-        verify.load_state(path)
+        verify.verify_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -177,7 +177,7 @@ def test_damaged_bytes_are_caught_before_loading(tmp_path, name, damage, expecte
     damage(path / name)
     load = verify.load_weights if name == layout.WEIGHTS_FILE else None
     with pytest.raises(FraglmError, match=expected) as error:
-        load(_model(0), path) if load else verify.load_state(path)
+        load(_model(0), path) if load else verify.verify_checkpoint(path).state
     assert str(path / name) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -228,7 +228,7 @@ def test_a_state_of_the_wrong_type_is_a_clear_error(tmp_path, change, expected):
     torch.save(change(_state(1)), path / layout.STATE_FILE)
     ckpt.write_manifest(path, 1)
     with pytest.raises(FraglmError, match=expected):
-        verify.load_state(path)
+        verify.verify_checkpoint(path)
 
 
 def test_optimizer_state_of_the_wrong_shape_or_non_finite(tmp_path):
