@@ -427,13 +427,15 @@ def _options(
 
 
 class _StatusLines(logging.Handler):
-    """fraglm's status lines, plain, on stdout: through ``tqdm.write``, so a progress bar
-    on screen is not broken up, and to the ``sys.stdout`` of the moment (which tests and
-    callers may replace)."""
+    """fraglm's status lines, plain: information on stdout, warnings on stderr (so a note
+    never mixes into text that ``fraglm generate`` streams to stdout). Through
+    ``tqdm.write``, so a progress bar on screen is not broken up, and to the streams of the
+    moment (which tests and callers may replace)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
         try:
-            tqdm.write(self.format(record), file=sys.stdout)
+            tqdm.write(self.format(record), file=stream)
         except Exception:
             self.handleError(record)
 
@@ -446,7 +448,7 @@ _status_lines = _StatusLines()
 
 
 def _configure_logging() -> None:
-    """The ``fraglm.*`` loggers speak at INFO on stdout; under torchrun only rank 0 does,
+    """The ``fraglm.*`` loggers speak at INFO (warnings on stderr); under torchrun only rank 0 does,
     unless ``FRAGLM_LOG_ALL_RANKS=1``. Set here, in the command, never by library code."""
     logger = logging.getLogger("fraglm")
     logger.setLevel(logging.INFO)

@@ -33,6 +33,7 @@ from fraglm.data.corpus import load_records, make_documents
 from fraglm.data.tokenizer import train_tokenizer, vocab_size
 from fraglm.nn.model import Transformer
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What are the symptoms of high blood pressure?"
@@ -61,7 +62,7 @@ def random_run(root: Path) -> Path:
     tokenizer_path = root / "tokenizer-source.json"
     root.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(tokenizer_path))
-    ckpt.write_run_files(root, cfg, tokenizer_path)
+    layout.write_run_files(root, cfg, tokenizer_path)
     torch.manual_seed(0)
     model = Transformer(cfg.model, vocab_size(tokenizer))
     ckpt.save_checkpoint(root, model, {}, step=0, pointers=("latest", "best"))

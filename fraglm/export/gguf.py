@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from fraglm.data.chat_template import CHAT_TEMPLATE
 from fraglm.errors import FraglmError
 from fraglm.export.hf import hf_architecture, hf_state_dict, load_exportable_run
 from fraglm.nn.model import Transformer, kv_heads, mlp_hidden_size
+
+if TYPE_CHECKING:
+    import gguf
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
@@ -131,6 +135,51 @@ def _tokenizer_tables(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[
     return tokens, [int(t) for t in types], merges
 
 
+def _add_model_metadata(writer: gguf.GGUFWriter, model: Transformer, dtype: str, name: str) -> None:
+    """The model's name, file type and shape under llama.cpp's keys."""
+    import gguf
+
+    m: ModelConfig = model.cfg
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer.add_name(name or "fraglm")
+    writer.add_file_type(file_types[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(model.vocab_size)
+    writer.add_context_length(m.context_length)
+    writer.add_embedding_length(m.d_model)
+    writer.add_block_count(m.n_layers)
+    writer.add_feed_forward_length(mlp_hidden_size(m))
+    writer.add_head_count(m.n_heads)
+    writer.add_head_count_kv(kv_heads(m))
+    writer.add_key_length(m.d_model // m.n_heads)
+    writer.add_value_length(m.d_model // m.n_heads)
+    writer.add_rope_dimension_count(m.d_model // m.n_heads)
+    writer.add_rope_freq_base(m.rope_theta)
+    writer.add_layer_norm_rms_eps(m.norm_eps)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
+    """The tokenizer as llama.cpp's ``gpt2`` model, its special ids and the chat template."""
+    tokens, types, merges = _tokenizer_tables(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    # Training documents follow one another as ...<|END|><|Q|>..., so <|END|> is also the
+    # natural beginning of sequence; it is not added, so prompts stay as fraglm's.
+    writer.add_bos_token_id(tokenizer.token_to_id(END))
+    writer.add_eos_token_id(tokenizer.token_to_id(END))
+    writer.add_pad_token_id(tokenizer.token_to_id(PAD))
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
 def write_gguf(
     model: Transformer, tokenizer: Tokenizer, out: Path, *, dtype: str = "f32", name: str = ""
 ) -> Path:
@@ -139,47 +188,12 @@ def write_gguf(
 
     if dtype not in GGUF_DTYPES:
         raise FraglmError(f"--dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
-    m: ModelConfig = model.cfg
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    file_types = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }
-    writer = gguf.GGUFWriter(tmp, hf_architecture(m))
+    writer = gguf.GGUFWriter(tmp, hf_architecture(model.cfg))
     try:
-        writer.add_name(name or "fraglm")
-        writer.add_file_type(file_types[dtype])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_vocab_size(model.vocab_size)
-        writer.add_context_length(m.context_length)
-        writer.add_embedding_length(m.d_model)
-        writer.add_block_count(m.n_layers)
-        writer.add_feed_forward_length(mlp_hidden_size(m))
-        writer.add_head_count(m.n_heads)
-        writer.add_head_count_kv(kv_heads(m))
-        writer.add_key_length(m.d_model // m.n_heads)
-        writer.add_value_length(m.d_model // m.n_heads)
-        writer.add_rope_dimension_count(m.d_model // m.n_heads)
-        writer.add_rope_freq_base(m.rope_theta)
-        writer.add_layer_norm_rms_eps(m.norm_eps)
-
-        tokens, types, merges = _tokenizer_tables(tokenizer)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        # Training documents follow one another as ...<|END|><|Q|>..., so <|END|> is also the
-        # natural beginning of sequence; it is not added, so prompts stay as fraglm's.
-        writer.add_bos_token_id(tokenizer.token_to_id(END))
-        writer.add_eos_token_id(tokenizer.token_to_id(END))
-        writer.add_pad_token_id(tokenizer.token_to_id(PAD))
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
-
+        _add_model_metadata(writer, model, dtype, name)
+        _add_tokenizer(writer, tokenizer)
         for tensor_name, tensor in gguf_tensors(model).items():
             data, raw_dtype = _tensor_data(tensor, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +14,7 @@ from fraglm.data.tokenizer import decode_stream
 from fraglm.errors import FraglmError
 from fraglm.nn.model import KVCache, Transformer
 
-Notice = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+logger = logging.getLogger(__name__)
 
 
 def prompt_text(prompt: str, *, raw: bool) -> str:
@@ -66,14 +62,14 @@ class Generator:
 
     When prompt and output outgrow the context, the cached path restarts the cache from
     the last half context of tokens (one recomputation every ``context / 2`` tokens)
-    and the uncached path keeps the last ``context`` tokens; either way with a notice.
+    and the uncached path keeps the last ``context`` tokens; either way with a warning in
+    the log.
     """
 
     model: Transformer
     params: SampleConfig
     stop_ids: frozenset[int]
     use_cache: bool = True
-    notice: Notice = _stderr
 
     def __post_init__(self) -> None:
         self.context = self.model.cfg.context_length
@@ -102,7 +98,7 @@ class Generator:
             raise FraglmError("the prompt encodes to no tokens")
         ids = list(prompt_ids)
         if len(ids) > self.context:
-            self.notice(f"note: prompt is {len(ids)} tokens; keeping the last {self.context}")
+            logger.warning("note: prompt is %d tokens; keeping the last %d", len(ids), self.context)
             ids = ids[-self.context :]
         if self._cache is not None:
             self._cache.reset()
@@ -113,9 +109,10 @@ class Generator:
         for _ in range(self.params.max_new_tokens):
             if len(ids) == self.context + 1:  # the first step that does not fit
                 keep = max(self.context // 2, 1) if self.use_cache else self.context
-                self.notice(
-                    f"note: context of {self.context} tokens is full; "
-                    f"continuing with the last {keep}"
+                logger.warning(
+                    "note: context of %d tokens is full; continuing with the last %d",
+                    self.context,
+                    keep,
                 )
             if self.use_cache:
                 logits = self._cached_logits(ids, pending)

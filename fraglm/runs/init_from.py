@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fraglm.config import Config
 from fraglm.errors import FraglmError
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs.layout import load_run_config
 from fraglm.runs.loading import find_run
 
 # model keys that decide the parameters' shapes (dropout, the attention backend and, with
@@ -26,7 +26,7 @@ def parent_run(cfg: Config) -> Path | None:
     if cfg.train.init_from is None:
         return None
     parent = find_run(cfg.train.init_from)
-    saved = ckpt.load_run_config(parent)
+    saved = load_run_config(parent)
     keys = SHAPE_KEYS + (("context_length",) if cfg.model.arch == "seed" else ())
     checks = [("model", key) for key in keys]
     checks += [("tokenizer", key) for key in saved.tokenizer.__dict__]

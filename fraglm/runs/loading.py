@@ -9,11 +9,13 @@ import torch
 from tokenizers import Tokenizer
 
 from fraglm.config import Config
-from fraglm.data.tokenizer import load_tokenizer, vocab_size
+from fraglm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, vocab_size
 from fraglm.device import resolve_device
 from fraglm.errors import FraglmError
 from fraglm.nn.model import Transformer
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs.layout import load_run_config, step_of
+from fraglm.runs.pointers import checkpoint_dir
+from fraglm.runs.verify import load_weights
 
 DEFAULT_ROOT = Path("checkpoints")
 
@@ -46,12 +48,12 @@ def find_run(run: str | Path | None, root: Path = DEFAULT_ROOT) -> Path:
 def load_run(run: str | Path | None, *, which: str = "best", device: str = "auto") -> LoadedRun:
     """Config, tokenizer and weights of a run, ready for inference (eval mode)."""
     run_dir = find_run(run)
-    cfg = ckpt.load_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER_FILE)
-    path = ckpt.checkpoint_dir(run_dir, which)
+    cfg = load_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    path = checkpoint_dir(run_dir, which)
     model = Transformer(cfg.model, vocab_size(tokenizer))
-    ckpt.load_weights(model, path)
+    load_weights(model, path)
     target = resolve_device(device)
     model.to(target).eval()
-    step = int(path.name.removeprefix("step-"))
+    step = step_of(path)
     return LoadedRun(run_dir, cfg, model, tokenizer, target, step)

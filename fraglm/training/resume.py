@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 from fraglm.config import Config
 from fraglm.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from fraglm.errors import FraglmError
-from fraglm.runs import checkpoint as ckpt
 from fraglm.runs.init_from import parent_run
+from fraglm.runs.layout import STATE_FILE, load_run_config
+from fraglm.runs.verify import Checkpoint, check_optimizer_state
 from fraglm.training.early_stopping import BestValidation
 from fraglm.training.optim import optimizer_parts
 
@@ -28,20 +29,26 @@ _NEW_RUN = "restore it, or train a new run with another train.out_dir"
 
 @dataclass(frozen=True)
 class StartPoint:
-    """``state``: the checkpoint's training state when resuming; ``parent``: the run whose
-    weights a new run starts from (``train.init_from``); ``tokenizer``: the tokenizer the
-    corpus must be encoded with (the parent's), None to train one."""
+    """``checkpoint``: the checkpoint a resumed run continues from (read and verified once);
+    ``parent``: the run whose weights a new run starts from (``train.init_from``);
+    ``tokenizer``: the tokenizer the corpus must be encoded with (the parent's), None to
+    train one."""
 
-    state: dict[str, Any] | None
+    checkpoint: Checkpoint | None
     parent: Path | None
     tokenizer: Tokenizer | None
 
+    @property
+    def state(self) -> dict[str, Any] | None:
+        """The resumed checkpoint's training state (None for a new run)."""
+        return None if self.checkpoint is None else self.checkpoint.state
 
-def start_point(cfg: Config, run_dir: Path, resume_dir: Path | None) -> StartPoint:
+
+def start_point(cfg: Config, run_dir: Path, resumed: Checkpoint | None) -> StartPoint:
     """Read what the run in ``run_dir`` starts from, refusing a resume whose model or
     tokenizer settings changed."""
-    saved = ckpt.load_run_config(run_dir) if resume_dir is not None else None
-    parent = None if resume_dir is not None else parent_run(cfg)
+    saved = load_run_config(run_dir) if resumed is not None else None
+    parent = None if resumed is not None else parent_run(cfg)
     # a run started from another keeps the parent's tokenizer (a copy is in its run dir),
     # also when it is resumed without --init-from
     tokenizer = None
@@ -49,11 +56,9 @@ def start_point(cfg: Config, run_dir: Path, resume_dir: Path | None) -> StartPoi
         tokenizer = load_tokenizer(parent / TOKENIZER_FILE)
     elif saved is not None and saved.train.init_from is not None:
         tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    state = None
     if saved is not None:
         check_compatible(saved, cfg)
-        state = ckpt.load_state(resume_dir)
-    return StartPoint(state, parent, tokenizer)
+    return StartPoint(resumed, parent, tokenizer)
 
 
 def check_compatible(saved: Config, cfg: Config) -> None:
@@ -110,19 +115,18 @@ def training_state(
 
 
 def restore_training_state(
-    state: dict[str, Any],
-    ckpt_dir: Path,
+    checkpoint: Checkpoint,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     device: torch.device,
 ) -> tuple[int, BestValidation]:
-    """Load the checkpoint in ``ckpt_dir`` (its ``state`` read already) into a freshly
-    built model, optimizer and scaler, and the RNGs; the step and best validation to
-    continue from."""
-    ckpt.load_weights(model, ckpt_dir)
+    """Load ``checkpoint`` (read and verified already) into a freshly built model,
+    optimizer and scaler, and the RNGs; the step and best validation to continue from."""
+    ckpt_dir, state = checkpoint.path, checkpoint.state
+    checkpoint.load_weights_into(model)
     for part, saved in optimizer_parts(optimizer, state["optimizer"], ckpt_dir):
-        ckpt.check_optimizer_state(saved, part, ckpt_dir / ckpt.STATE_FILE)
+        check_optimizer_state(saved, part, ckpt_dir / STATE_FILE)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

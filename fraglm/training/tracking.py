@@ -11,7 +11,7 @@ from typing import Any
 
 from fraglm.config import Config
 from fraglm.errors import FraglmError, first_line
-from fraglm.runs.checkpoint import METRICS_FILE
+from fraglm.runs.layout import METRICS_FILE
 from fraglm.storage.atomic import AppendFile, write_text_atomic
 
 WANDB_ID_FILE = "wandb_id.txt"

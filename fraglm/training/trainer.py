@@ -33,7 +33,11 @@ from fraglm.parallel.distributed import (
     setup,
     teardown,
 )
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs.checkpoint import save_checkpoint
+from fraglm.runs.layout import write_run_files
+from fraglm.runs.pointers import checkpoint_dir
+from fraglm.runs.resume import open_run_dir
+from fraglm.runs.verify import load_weights
 from fraglm.storage import locks
 from fraglm.training.build import build_data, build_tracker
 from fraglm.training.early_stopping import BestValidation
@@ -94,14 +98,14 @@ class Trainer:
         self.cfg = cfg
         tcfg = cfg.train
         self.run_dir = Path(tcfg.out_dir)
-        self.resume_dir = ckpt.open_run_dir(
+        resumed = open_run_dir(
             self.run_dir,
             resume=resume,
             resume_from=resume_from,
             overwrite=overwrite,
             writable=self.env.is_main,
         )
-        start = start_point(cfg, self.run_dir, self.resume_dir)
+        start = start_point(cfg, self.run_dir, resumed)
         data = build_data(cfg, self.env, start, self.run_dir)
         self.train_sampler, self.validation = data.train_sampler, data.validation
         self.vocab_size, self.corpus_fingerprint = data.vocab_size, data.corpus_fingerprint
@@ -114,12 +118,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
         self.step = 0
         self.best = BestValidation()
-        if start.state is not None:
+        if start.checkpoint is not None:
             self.step, self.best = restore_training_state(
-                start.state, self.resume_dir, self.model, self.optimizer, self.scaler, self.device
+                start.checkpoint, self.model, self.optimizer, self.scaler, self.device
             )
         elif self.env.is_main:
-            ckpt.write_run_files(self.run_dir, cfg, Path(cfg.data.tokenized_dir) / TOKENIZER_FILE)
+            write_run_files(self.run_dir, cfg, Path(cfg.data.tokenized_dir) / TOKENIZER_FILE)
         self._skip_guard = SkippedStepGuard(self.scaler, tcfg.max_skipped_steps)
         resume_step = self.step if start.state is not None else None
         self.tracker = build_tracker(cfg, self.env, self.run_dir, resume_step)
@@ -133,8 +137,8 @@ class Trainer:
         model_cfg = replace(cfg.model, fragment_impl=self.plan.attention)
         self.model = Transformer(model_cfg, self.vocab_size).to(self.device)
         if parent is not None:
-            start = ckpt.checkpoint_dir(parent, "best")
-            ckpt.load_weights(self.model, start)
+            start = checkpoint_dir(parent, "best")
+            load_weights(self.model, start)
             log.info("initialised from %s", start)
         self.forward_model: torch.nn.Module = self.model
         if self.env.enabled:
@@ -168,7 +172,7 @@ class Trainer:
             pointers = ("latest", "best") if best else ("latest",)
             info = {"val_loss": self.best.loss} if best else {}
             try:
-                ckpt.save_checkpoint(
+                save_checkpoint(
                     self.run_dir,
                     self.model,
                     training_state(
@@ -328,7 +332,7 @@ class Trainer:
             self.best.evals_since,
             self.best.loss,
             self.best.step,
-            ckpt.checkpoint_dir(self.run_dir, "best"),
+            checkpoint_dir(self.run_dir, "best"),
         )
 
     def _log(self, record: dict[str, Any]) -> None:

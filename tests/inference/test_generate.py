@@ -33,6 +33,7 @@ from fraglm.inference.generate import (
 )
 from fraglm.nn.model import Transformer
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout
 from fraglm.runs.loading import load_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,14 +124,13 @@ def test_cached_and_uncached_decoding_give_the_same_logits(arch, recorded_logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sliding_past_the_context_keeps_generating(arch, recorded_logits):
+def test_sliding_past_the_context_keeps_generating(arch, recorded_logits, caplog):
     model = sharp_model(arch, context=64)
     prompt = random_prompt(50, model.vocab_size)
-    notices: list[str] = []
-    gen = Generator(model, greedy(max_new_tokens=100), frozenset(), notice=notices.append)
+    gen = Generator(model, greedy(max_new_tokens=100), frozenset())
     tokens = list(gen.stream(prompt, make_rng(0)))
     assert len(tokens) == 100
-    assert notices == ["note: context of 64 tokens is full; continuing with the last 32"]
+    assert caplog.messages == ["note: context of 64 tokens is full; continuing with the last 32"]
     # Each step sees the tokens since the last refill, which keeps the last 32 tokens.
     history, start = prompt + tokens, 0
     with torch.no_grad():
@@ -142,12 +142,12 @@ def test_sliding_past_the_context_keeps_generating(arch, recorded_logits):
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
-def test_a_prompt_longer_than_the_context_is_cut_with_a_notice():
+def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(caplog):
     model = sharp_model("seed", context=64)
-    notices: list[str] = []
-    gen = Generator(model, greedy(max_new_tokens=5), frozenset(), notice=notices.append)
+    gen = Generator(model, greedy(max_new_tokens=5), frozenset())
     assert len(list(gen.stream(random_prompt(80, model.vocab_size), make_rng(0)))) == 5
-    assert notices[0] == "note: prompt is 80 tokens; keeping the last 64"
+    assert caplog.records[0].levelname == "WARNING"
+    assert caplog.messages[0] == "note: prompt is 80 tokens; keeping the last 64"
 
 
 def test_the_generator_can_be_reused_for_another_prompt():
@@ -346,7 +346,7 @@ def run_dir(tmp_path_factory, tokenizer) -> Path:
         ],
     )
     run = Path(cfg.train.out_dir)
-    ckpt.write_run_files(run, cfg, tokenizer_path)
+    layout.write_run_files(run, cfg, tokenizer_path)
     torch.manual_seed(0)
     model = Transformer(cfg.model, vocab_size(tokenizer))
     ckpt.save_checkpoint(run, model, {"step": 1}, step=1, pointers=("latest", "best"))

@@ -22,6 +22,7 @@ from safetensors.torch import save_model
 
 from fraglm.config import END, QUESTION
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout, pointers
 from fraglm.runs.loading import load_run
 
 openai = pytest.importorskip("openai")
@@ -53,8 +54,8 @@ def run_dir(train_tiny_run, tmp_path_factory) -> Path:
         for token in (END, QUESTION):
             model.embed.weight[loaded.tokenizer.token_to_id(token)] = 0
     for which in ("best", "latest"):
-        step_dir = ckpt.checkpoint_dir(run, which)
-        save_model(model, str(step_dir / ckpt.WEIGHTS_FILE))
+        step_dir = pointers.checkpoint_dir(run, which)
+        save_model(model, str(step_dir / layout.WEIGHTS_FILE))
         ckpt.write_manifest(step_dir, loaded.step)
     return run
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from fraglm.config import load_config
 from fraglm.data.shards import load_run_tokenizer
-from fraglm.runs import checkpoint as ckpt
+from fraglm.data.tokenizer import TOKENIZER_FILE
+from fraglm.runs import layout, pointers
 from fraglm.training.trainer import Trainer, train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,22 +52,22 @@ def test_child_starts_from_the_parents_best_weights_and_tokenizer(
         ),
     )
     trainer = Trainer(cfg)
-    best = load_file(ckpt.checkpoint_dir(parent, "best") / ckpt.WEIGHTS_FILE)
+    best = load_file(pointers.checkpoint_dir(parent, "best") / layout.WEIGHTS_FILE)
     own = trainer.model.state_dict()
     assert all(torch.equal(own[name], best[name]) for name in best)
     # the child's corpus is encoded with the parent's tokenizer, not a new one
-    parent_tokenizer = (parent / ckpt.TOKENIZER_FILE).read_text(encoding="utf-8")
+    parent_tokenizer = (parent / TOKENIZER_FILE).read_text(encoding="utf-8")
     assert (
         load_run_tokenizer(cfg.data.tokenized_dir).to_str() == load_run_tokenizer(parent).to_str()
     )
-    assert (trainer.run_dir / ckpt.TOKENIZER_FILE).read_text(encoding="utf-8") == parent_tokenizer
+    assert (trainer.run_dir / TOKENIZER_FILE).read_text(encoding="utf-8") == parent_tokenizer
 
 
 def test_init_from_through_the_cli_records_the_parent(parent, tmp_path, run_cli, child_args):
     result = run_cli(*child_args(), "--init-from", parent, "--steps", "4")
     assert result.exit_code == 0, result.stderr
-    assert f"initialised from {ckpt.checkpoint_dir(parent, 'best')}" in result.stdout
-    saved = ckpt.load_run_config(tmp_path / "child")
+    assert f"initialised from {pointers.checkpoint_dir(parent, 'best')}" in result.stdout
+    saved = layout.load_run_config(tmp_path / "child")
     assert saved.train.init_from == str(parent) and saved.train.loss_on == "answer"
     # resume continues the child (weights from its own checkpoint, tokenizer from its run dir)
     resumed = run_cli(*child_args(), "--resume")
@@ -88,7 +89,7 @@ def test_init_from_refuses_another_shape_or_tokenizer(
     result = run_cli(*child_args(override), "--init-from", parent)
     result.assert_user_error(f"cannot initialise from {parent}: {message}")
     assert result.stderr.strip() == result.error
-    assert not (tmp_path / "child" / ckpt.CONFIG_FILE).exists()  # nothing of a run written
+    assert not (tmp_path / "child" / layout.CONFIG_FILE).exists()  # nothing of a run written
     assert not (tmp_path / "tokens-child").exists()
 
 

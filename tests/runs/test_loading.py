@@ -12,6 +12,7 @@ from fraglm.data.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 from fraglm.errors import FraglmError
 from fraglm.nn.model import Transformer
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout
 from fraglm.runs.loading import find_run, load_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def make_run(run: Path, tokenizer_file: Path, *, best: int = 1, latest: int = 2)
     cfg = load_config(
         REPO_ROOT / "configs" / "tiny.yaml", [f"train.out_dir={json.dumps(str(run))}"]
     )
-    ckpt.write_run_files(run, cfg, tokenizer_file)
+    layout.write_run_files(run, cfg, tokenizer_file)
     n_vocab = vocab_size(load_tokenizer(tokenizer_file))
     for step in sorted({best, latest}):
         torch.manual_seed(step)

@@ -16,7 +16,7 @@ from fraglm.data.shards import tokenize
 from fraglm.data.tokenizer import decode, token_byte_lengths, train_tokenizer, vocab_size
 from fraglm.device import Precision
 from fraglm.nn.model import Transformer
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout, pointers
 from fraglm.runs.loading import load_run
 from fraglm.training.evaluation import bits_per_byte, evaluate
 from fraglm.training.run_evaluation import evaluate_run
@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory, tiny_overrides) -> Path:
 
 
 def logged_val(run: Path, step: int, key: str = "val_loss") -> float:
-    lines = (run / ckpt.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    lines = (run / layout.METRICS_FILE).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
     [value] = [r[key] for r in records if r["step"] == step and "val_loss" in r]
     return value
@@ -42,7 +42,7 @@ def logged_val(run: Path, step: int, key: str = "val_loss") -> float:
 
 @pytest.mark.parametrize("which", ["best", "latest"])
 def test_eval_reproduces_the_trainers_validation_loss(run_dir, which):
-    step = ckpt.read_pointer(run_dir, which)["step"]
+    step = pointers.read_pointer(run_dir, which)["step"]
     result = evaluate_run(run_dir, which=which, device="cpu")
     assert result.loss == pytest.approx(logged_val(run_dir, step), abs=1e-6)
     assert result.bits_per_byte == pytest.approx(logged_val(run_dir, step, "val_bpb"), abs=1e-6)
@@ -53,10 +53,10 @@ def test_eval_reproduces_the_trainers_validation_loss(run_dir, which):
 def test_eval_command(run_cli, run_dir):
     result = run_cli("eval", "--run", run_dir, "--device", "cpu")
     assert result.exit_code == 0, result.stderr
-    best = ckpt.read_pointer(run_dir, "best")["val_loss"]
+    best = pointers.read_pointer(run_dir, "best")["val_loss"]
     ppl = math.exp(best)
     bpb = evaluate_run(run_dir, device="cpu").bits_per_byte
-    split = Path(ckpt.load_run_config(run_dir).data.tokenized_dir) / "val.bin"
+    split = Path(layout.load_run_config(run_dir).data.tokenized_dir) / "val.bin"
     assert result.stdout == (
         f"{split}: loss {best:.4f}, perplexity {ppl:.2f}, {bpb:.4f} bits per byte, 1,024 tokens\n"
     )
@@ -125,9 +125,9 @@ def test_eval_refuses_a_validation_split_tokenized_again(
     overrides = tiny_overrides(tmp_path, "tokenizer.vocab_size=300", steps=20)
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", overrides)
     tokenize(cfg, progress=False)
-    saved = ckpt.load_run_config(copy)
+    saved = layout.load_run_config(copy)
     saved.data.tokenized_dir = cfg.data.tokenized_dir
-    (copy / ckpt.CONFIG_FILE).write_text(saved.to_yaml(), encoding="utf-8")
+    (copy / layout.CONFIG_FILE).write_text(saved.to_yaml(), encoding="utf-8")
     run_cli("eval", "--run", copy).assert_user_error("has been tokenized again since run")
     corpus = REPO_ROOT / "data" / "sample_health_qa.jsonl"
     assert run_cli("eval", "--run", copy, "--data", corpus).exit_code == 0

@@ -21,6 +21,7 @@ import torch
 from fraglm.config import load_config
 from fraglm.data.shards import tokenize
 from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout, pointers
 from fraglm.training.tracking import read_metrics
 from fraglm.training.trainer import Trainer
 
@@ -107,17 +108,17 @@ def _flip(path: Path) -> None:
 def _nan_weights(step_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(step_dir / ckpt.WEIGHTS_FILE)
+    tensors = load_file(step_dir / layout.WEIGHTS_FILE)
     name = next(iter(tensors))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, step_dir / ckpt.WEIGHTS_FILE)
+    save_file(tensors, step_dir / layout.WEIGHTS_FILE)
 
 
 DAMAGE = {
-    "flipped-weights": (lambda d: _flip(d / ckpt.WEIGHTS_FILE), "SHA-256 differs"),
-    "flipped-state": (lambda d: _flip(d / ckpt.STATE_FILE), "SHA-256 differs"),
+    "flipped-weights": (lambda d: _flip(d / layout.WEIGHTS_FILE), "SHA-256 differs"),
+    "flipped-state": (lambda d: _flip(d / layout.STATE_FILE), "SHA-256 differs"),
     "truncated-state": (
-        lambda d: (d / ckpt.STATE_FILE).write_bytes((d / ckpt.STATE_FILE).read_bytes()[:999]),
+        lambda d: (d / layout.STATE_FILE).write_bytes((d / layout.STATE_FILE).read_bytes()[:999]),
         "truncated or overwritten",
     ),
     "nan-weights": (_nan_weights, "is damaged"),
@@ -126,7 +127,7 @@ DAMAGE = {
         "holds non-finite weights",
     ),
     "wrong-types-resigned": (
-        lambda d: (torch.save({"step": [4]}, d / ckpt.STATE_FILE), ckpt.write_manifest(d, 4)),
+        lambda d: (torch.save({"step": [4]}, d / layout.STATE_FILE), ckpt.write_manifest(d, 4)),
         "is malformed",
     ),
 }
@@ -258,13 +259,13 @@ def _size(*parts: str):
 
 
 SAVES = [  # each limit lets the files before the one named be written, not that one
-    pytest.param(_size("step-0000004", ckpt.STATE_FILE), -1, "state.pt", id="state"),
+    pytest.param(_size("step-0000004", layout.STATE_FILE), -1, "state.pt", id="state"),
     pytest.param(
-        _size("step-0000004", ckpt.WEIGHTS_FILE), -1, "model.safetensors", id="weights",
+        _size("step-0000004", layout.WEIGHTS_FILE), -1, "model.safetensors", id="weights",
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        _size(ckpt.METRICS_FILE), 20, "metrics.jsonl", id="metrics", marks=pytest.mark.slow
+        _size(layout.METRICS_FILE), 20, "metrics.jsonl", id="metrics", marks=pytest.mark.slow
     ),
 ]  # fmt: skip
 
@@ -274,12 +275,12 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_the_run_resumes(
     world, run, run_cli, size_of, offset, file_name
 ):
     run_dir, config = run
-    lines_before = (run_dir / ckpt.METRICS_FILE).read_text()
+    lines_before = (run_dir / layout.METRICS_FILE).read_text()
     result = run_limited(size_of(run_dir) + offset, "train", "-c", config, "--resume")
     assert_one_line(result, "could not", file_name, "File too large")
     no_temporaries(run_dir)
-    assert ckpt.read_pointer(run_dir, "latest")["step"] == 4
-    metrics = (run_dir / ckpt.METRICS_FILE).read_text()
+    assert pointers.read_pointer(run_dir, "latest")["step"] == 4
+    metrics = (run_dir / layout.METRICS_FILE).read_text()
     assert metrics.startswith(lines_before) and metrics.endswith("\n")  # earlier lines whole
     assert all(json.loads(line) for line in metrics.splitlines())
     resumed = run_cli("train", "-c", config, "--resume")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fraglm.config import Config
-from fraglm.runs.checkpoint import METRICS_FILE
+from fraglm.runs.layout import METRICS_FILE
 from fraglm.training.tracking import Tracker, read_metrics
 
 

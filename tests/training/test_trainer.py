@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 from fraglm.config import Config, apply_overrides, from_dict
 from fraglm.data.shards import tokenize
+from fraglm.data.tokenizer import TOKENIZER_FILE
 from fraglm.device import Precision
-from fraglm.runs import checkpoint as ckpt
+from fraglm.runs import layout, pointers
 from fraglm.training import trainer as train_module
 from fraglm.training.tracking import read_metrics
 from fraglm.training.trainer import Trainer
@@ -81,7 +82,7 @@ def val_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(ckpt.checkpoint_dir(run_dir, "latest") / ckpt.WEIGHTS_FILE)
+    return load_file(pointers.checkpoint_dir(run_dir, "latest") / layout.WEIGHTS_FILE)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -139,7 +140,7 @@ def test_the_model_runs_the_plans_attention_and_the_run_keeps_the_configs(tokeni
     trainer = Trainer(make_config(tokenized, tmp_path / "run"))
     trainer.close()
     assert trainer.plan.attention == "torch" and trainer.model.cfg.fragment_impl == "torch"
-    saved = yaml.safe_load((tmp_path / "run" / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    saved = yaml.safe_load((tmp_path / "run" / layout.CONFIG_FILE).read_text(encoding="utf-8"))
     assert trainer.cfg.model.fragment_impl == saved["model"]["fragment_impl"] == "auto"
 
 
@@ -279,23 +280,23 @@ def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(
         "best 4.0000 at step 6" in result.stdout  # fmt: skip
     assert "trained to step 12" in result.stdout
     assert [step for step, _ in val_losses(tmp_path / "run")] == [3, 6, 9, 12]
-    assert ckpt.read_pointer(tmp_path / "run", "best")["step"] == 6
-    assert ckpt.read_pointer(tmp_path / "run", "latest")["step"] == 12
+    assert pointers.read_pointer(tmp_path / "run", "best")["step"] == 6
+    assert pointers.read_pointer(tmp_path / "run", "latest")["step"] == 12
     Trainer(make_config(tokenized, tmp_path / "six", *settings)).run(max_new_steps=6)
-    best = load_file(ckpt.checkpoint_dir(tmp_path / "run", "best") / ckpt.WEIGHTS_FILE)
+    best = load_file(pointers.checkpoint_dir(tmp_path / "run", "best") / layout.WEIGHTS_FILE)
     six = latest_weights(tmp_path / "six")
     assert all(torch.equal(best[name], six[name]) for name in six)
 
     again = run_cli("train", "-c", config, "--resume")
     assert again.exit_code == 0, again.stderr
     assert "nothing to do: the run stopped early at step 12" in again.stdout
-    assert ckpt.read_pointer(tmp_path / "run", "latest")["step"] == 12
+    assert pointers.read_pointer(tmp_path / "run", "latest")["step"] == 12
     onward = run_cli(
         "train", "-c", config, "--resume", *set_args("train.early_stopping_patience=0")
     )
     assert onward.exit_code == 0, onward.stderr
     assert "trained to step 30" in onward.stdout
-    assert ckpt.read_pointer(tmp_path / "run", "best")["step"] == 6
+    assert pointers.read_pointer(tmp_path / "run", "best")["step"] == 6
 
 
 # Ctrl-C
@@ -332,7 +333,7 @@ def test_ctrl_c_saves_and_resume_finishes(tokenized, tmp_path, run_cli):
     match = re.search(r"interrupted at step (\d+): checkpoint saved", out + err)
     assert match, (out, err)
     step = int(match.group(1))
-    assert ckpt.read_pointer(run_dir, "latest")["step"] == step
+    assert pointers.read_pointer(run_dir, "latest")["step"] == step
     assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == list(
         range(1, step + 1)
     )
@@ -376,7 +377,7 @@ def test_wandb_offline_run_holds_the_metrics(tokenized, tmp_path, monkeypatch):
 
 
 def test_resume_with_corrupt_weights(tokenized, run_copy, tmp_path, run_cli):
-    weights = ckpt.checkpoint_dir(run_copy) / ckpt.WEIGHTS_FILE
+    weights = pointers.checkpoint_dir(run_copy) / layout.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
     assert_one_line_error(run_cli("train", "-c", config, "--resume"), "is damaged", str(weights))
@@ -418,12 +419,12 @@ def test_resume_after_a_corpus_change_is_refused(tmp_path, run_cli):
 
 def test_resume_with_another_tokenizer_is_refused(tokenized, run_copy, tmp_path, run_cli):
     """A tokenized directory whose tokenizer is not the run's (made again, or replaced)."""
-    run_tokenizer = run_copy / ckpt.TOKENIZER_FILE
+    run_tokenizer = run_copy / TOKENIZER_FILE
     run_tokenizer.write_text(run_tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     config = write_config(tmp_path / "cfg.yaml", make_config(tokenized, run_copy))
     assert_one_line_error(
         run_cli("train", "-c", config, "--resume"),
-        f"cannot resume: {tokenized / ckpt.TOKENIZER_FILE} is not the tokenizer",
+        f"cannot resume: {tokenized / TOKENIZER_FILE} is not the tokenizer",
     )
 
 
@@ -441,7 +442,7 @@ def test_context_longer_than_the_training_tokens(tokenized, tmp_path, run_cli):
     cfg = make_config(tokenized, tmp_path / "run", "model.context_length=1000000")
     result = run_cli("train", "-c", write_config(tmp_path / "cfg.yaml", cfg))
     assert_one_line_error(result, "training split has", "model.context_length = 1000000")
-    assert not ckpt.has_checkpoint(tmp_path / "run")
+    assert not pointers.has_checkpoint(tmp_path / "run")
 
 
 def test_exploding_learning_rate_stops_and_keeps_finite_weights(tokenized, tmp_path, run_cli):
@@ -456,7 +457,7 @@ def test_exploding_learning_rate_stops_and_keeps_finite_weights(tokenized, tmp_p
     )
     result = run_cli("train", "-c", write_config(tmp_path / "cfg.yaml", cfg))
     assert_one_line_error(result, "non-finite", "lower train.lr")
-    assert ckpt.has_checkpoint(run_dir)  # step 1 was still fine, and saved
+    assert pointers.has_checkpoint(run_dir)  # step 1 was still fine, and saved
     for name, tensor in latest_weights(run_dir).items():
         assert tensor.isfinite().all(), name
 
@@ -472,7 +473,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(run_copy, tokenized, mon
     trainer = Trainer(make_config(tokenized, run_copy, "train.save_interval=1"), resume=True)
     with pytest.raises(train_module.FraglmError, match="non-finite at step 4"):
         trainer.run()
-    assert ckpt.read_pointer(run_copy, "latest")["step"] == 4
+    assert pointers.read_pointer(run_copy, "latest")["step"] == 4
     after = latest_weights(run_copy)
     assert all(torch.equal(before[name], after[name]) for name in before)
 
@@ -536,12 +537,12 @@ def test_fp16_steps_skipped_in_a_row_stop_the_run(tokenized, tmp_path, monkeypat
         trainer.run()
     assert "stopped at step 3" in str(error.value) and "\n" not in str(error.value)
     assert trainer.step == 3  # steps 0, 1 and 2 skipped, the third seen at step 3's loss
-    assert ckpt.read_pointer(run_dir, "latest")["step"] == 3
+    assert pointers.read_pointer(run_dir, "latest")["step"] == 3
     saved = latest_weights(run_dir)
     assert all(torch.equal(saved[name], p) for name, p in initial.items())
 
 
 def test_config_in_the_run_dir_is_the_resolved_config(trained):
-    saved = yaml.safe_load((trained / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    saved = yaml.safe_load((trained / layout.CONFIG_FILE).read_text(encoding="utf-8"))
     assert saved["model"]["d_model"] == 32 and saved["train"]["out_dir"] == str(trained)
-    assert (trained / ckpt.TOKENIZER_FILE).is_file()
+    assert (trained / TOKENIZER_FILE).is_file()
