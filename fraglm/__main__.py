@@ -1,3 +1,3 @@
-from fraglm.cli import command
+from fraglm.cli.app import command
 
 command()

@@ -173,11 +173,11 @@ class CliResult:
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    """Run the real entry point (``fraglm.cli.main``) in-process: ``run_cli("tokenize", ...)``.
+    """Run the real entry point (``fraglm.cli.app.main``) in-process: ``run_cli("tokenize", ...)``.
 
     An exception that is not a ``FraglmError`` escapes (``FRAGLM_DEBUG``) and fails the test.
     """
-    from fraglm.cli import main
+    from fraglm.cli.app import main
 
     monkeypatch.setenv("FRAGLM_DEBUG", "1")  # an unforeseen exception escapes main()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fraglm import cli
+from fraglm.cli import logs
 from fraglm.config import END
 from fraglm.data.corpus import split_documents
 from fraglm.data.shards import load_run_tokenizer, load_tokens, read_meta
@@ -316,13 +316,13 @@ def test_sample_corpus_tokenizes_with_tiny_config(run_cli, tmp_path, monkeypatch
 def test_status_lines_come_from_rank_zero(monkeypatch, capsys, rank, all_ranks, shown):
     """The command shows fraglm's log lines plainly on stdout; under torchrun only rank 0's,
     unless FRAGLM_LOG_ALL_RANKS=1."""
-    for name, value in (("RANK", rank), (cli.LOG_ALL_RANKS_ENV, all_ranks)):
+    for name, value in (("RANK", rank), (logs.LOG_ALL_RANKS_ENV, all_ranks)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    cli._configure_logging()
-    cli._configure_logging()  # once per command: never a second handler
+    logs.configure_logging()
+    logs.configure_logging()  # once per command: never a second handler
     logging.getLogger("fraglm.training.trainer").info("step %d: val loss %.4f", 3, 1.5)
     out, err = capsys.readouterr()
     assert (out, err) == (("step 3: val loss 1.5000\n" if shown else ""), "")

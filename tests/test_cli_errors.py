@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fraglm import cli
+from fraglm.cli import options as cli_options
 from fraglm.config import MAX_YAML_DEPTH, SECTIONS
 
 
@@ -104,7 +104,7 @@ def failing_command(monkeypatch):
         raise RuntimeError("something nobody foresaw\nwith a second line")
 
     monkeypatch.setattr("fraglm.config.load_config", broken)
-    monkeypatch.setattr(cli, "load_config", broken)
+    monkeypatch.setattr(cli_options, "load_config", broken)
 
 
 def test_an_unforeseen_exception_is_one_line_with_exit_2(run_cli, monkeypatch, failing_command):
@@ -130,7 +130,7 @@ def test_an_os_error_names_the_reason_and_the_file(run_cli, monkeypatch):
     def denied(config=None, set_=None):
         raise PermissionError(13, "Permission denied", "/srv/run")
 
-    monkeypatch.setattr(cli, "load_config", denied)
+    monkeypatch.setattr(cli_options, "load_config", denied)
     one_line(run_cli("config", "show"), "error: Permission denied: /srv/run (run with --debug")
 
 

@@ -10,7 +10,7 @@ step reuses them; the process's resident memory then stays near its peak, which 
 training process reaches every step anyway.
 
 The setting is process-wide, so only the ``fraglm`` command calls it, in its own process
-and only to train on a CPU (:func:`fraglm.cli.command`); importing fraglm, a ``Trainer``
+and only to train on a CPU (:func:`fraglm.cli.app.command`); importing fraglm, a ``Trainer``
 used as a library and the test runner leave malloc alone. Any process gets the same from
 the environment, set before it starts: ``MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=2147483647``, or a preloaded allocator that keeps freed memory

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fraglm import cli
+from fraglm.cli.options import session
 from fraglm.config import load_config
 from fraglm.data.shards import tokenize
 from fraglm.training import allocator
@@ -64,7 +64,7 @@ def _overrides(tokenized: Path, tmp_path: Path) -> list[str]:
 def test_only_the_commands_own_process_is_tuned(
     tokenized, tmp_path, run_cli, calls, monkeypatch, own_process
 ):
-    monkeypatch.setattr(cli, "_own_process", own_process)
+    monkeypatch.setattr(session, "own_process", own_process)
     args = [arg for item in _overrides(tokenized, tmp_path) for arg in ("--set", item)]
     result = run_cli("train", "-c", TINY, *args)
     assert result.exit_code == 0, result.stderr

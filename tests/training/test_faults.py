@@ -227,7 +227,7 @@ import resource, sys
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 sys.argv = ["fraglm", *sys.argv[2:]]
-from fraglm.cli import main
+from fraglm.cli.app import main
 main()
 """
 
