@@ -17,7 +17,7 @@ How it runs (and why):
   ``P^T dO`` and ``dS^T Q``) while ``dQ`` is accumulated in place. Only ``Q, K,
   V, O`` and the per-row LSE are saved by the forward.
 * In the forward, neighbouring tiles of one query fragment run as one product, a
-  *run* of up to ``_RUN_ELEMENTS`` scores (:func:`_runs`), each tile of it masked
+  *run* of up to ``RUN_ELEMENTS`` scores (:func:`runs_of`), each tile of it masked
   on its own slice: the row max, the exponentials and the row sums are then a few
   long-row calls per run instead of short-row calls per tile (on a 2-core CPU,
   T = 512 at F = 64, the forward ran about 1.15x faster). The budget bounds the
@@ -32,12 +32,13 @@ How it runs (and why):
   ``(B, H, T, D)`` to ``(B * Hkv, T * group, D)`` (row ``t * group + g``), so a
   query fragment of all heads of a group is one contiguous matmul operand and
   ``dK``/``dV`` sums over the group fall out of the matmuls.
-* Tiles are planned before any arithmetic, once per shape: causal tiles wholly in
-  the future are never computed and only tiles crossing the diagonal are masked.
-  With document ids in host memory (CPU) a tile is skipped when the id ranges of
-  its query and key fragments do not overlap and left unmasked when both hold one
-  and the same document; on an accelerator reading the ids would make the host
-  wait in every layer, so there every causal tile is masked on the device.
+* Tiles are planned before any arithmetic, once per shape
+  (:mod:`fraglm.attention.tiles`): causal tiles wholly in the future are never
+  computed and only tiles crossing the diagonal are masked. With document ids in
+  host memory (CPU) a tile is skipped when the id ranges of its query and key
+  fragments do not overlap and left unmasked when both hold one and the same
+  document; on an accelerator reading the ids would make the host wait in every
+  layer, so there every causal tile is masked on the device.
 * This module is the tile loop (``impl="torch"``), for every device. On CUDA GPUs
   that Triton supports, ``impl="auto"`` runs the same algorithm as fused kernels
   (:mod:`fraglm.attention.triton_kernels`) through the same block routines.
@@ -62,14 +63,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fraglm.attention.dense import sdpa_attention
-from fraglm.attention.documents import fragment_doc_ranges
+from fraglm.attention.tiles import Biases, Tile, add_bias, plan_tiles, runs_of
 from fraglm.attention.triton_op import resolve_impl
 
 __all__ = [
@@ -83,16 +83,6 @@ __all__ = [
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class _Tile:
-    """One query fragment x key fragment pair that has at least one visible pair."""
-
-    qf: int  # query fragment index
-    kf: int  # key fragment index
-    causal_mask: bool  # tile crosses the causal diagonal
-    doc_mask: bool  # tile needs the document mask
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,167 +106,6 @@ def softmax_delta(dout: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
     Elementwise and a sum, so autocast leaves it in ``dtype`` (an einsum would be recast).
     """
     return (dout.to(dtype) * out.to(dtype)).sum(-1)
-
-
-def _reads_on_host(device: torch.device) -> bool:
-    """Whether document ids on ``device`` can steer the tile plan: in host memory reading
-    them costs nothing; on an accelerator it would make the host wait for the device in
-    every layer, so there the plan keeps every causal tile and masks documents on the
-    device."""
-    return device.type == "cpu"
-
-
-# scores in one product at most (B * Hkv x rows x cols): 8 MiB in fp32
-_RUN_ELEMENTS = 1 << 21
-
-_PLANS: dict[tuple[int, int, int, bool, int, int, bool], tuple[_Tile, ...]] = {}
-
-
-def _shape_plan(
-    n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
-) -> tuple[_Tile, ...]:
-    """The tiles a shape needs, built once per shape (a plain dict, which torch.compile
-    traces without a warning): causal tiles wholly in the future are left out; with
-    ``docs`` every tile carries the document mask."""
-    key = (n_q, n_k, size, causal, q_start, k_start, docs)
-    if key not in _PLANS:
-        if len(_PLANS) >= 1024:  # decoding with a cache meets a new key length each step
-            _PLANS.clear()
-        _PLANS[key] = _build_plan(*key)
-    return _PLANS[key]
-
-
-def _build_plan(
-    n_q: int, n_k: int, size: int, causal: bool, q_start: int, k_start: int, docs: bool
-) -> tuple[_Tile, ...]:
-    n_qf, n_kf = -(-n_q // size), -(-n_k // size)
-    tiles = []
-    for i in range(n_qf):
-        first_q = q_start + i * size
-        last_q = q_start + min((i + 1) * size, n_q) - 1
-        # Key fragments starting after the last query of this fragment are all in the future.
-        stop = min(n_kf, max(0, -(-(last_q - k_start + 1) // size))) if causal else n_kf
-        for j in range(stop):
-            last_k = k_start + min((j + 1) * size, n_k) - 1
-            tiles.append(_Tile(i, j, causal and last_k > first_q, docs))
-    return tuple(tiles)
-
-
-def _plan(
-    n_q: int,
-    n_k: int,
-    size: int,
-    *,
-    causal: bool,
-    q_start: int,
-    k_start: int,
-    q_doc: Tensor | None,
-    k_doc: Tensor | None,
-) -> tuple[_Tile, ...]:
-    """The tiles with at least one possibly visible pair, in query-major order.
-
-    With document ids in host memory, a tile is skipped when the id ranges of its query
-    and key fragments do not overlap and left unmasked when both hold one and the same
-    document; on other devices the ids are not read (see :func:`_reads_on_host`).
-    """
-    docs = q_doc is not None and k_doc is not None
-    tiles = _shape_plan(n_q, n_k, size, causal, q_start, k_start, docs)
-    if not docs or not _reads_on_host(q_doc.device):
-        return tiles
-    q_lo, q_hi, q_pure = fragment_doc_ranges(q_doc, size)
-    k_lo, k_hi, k_pure = fragment_doc_ranges(k_doc, size)
-    overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-    one_doc = q_pure[:, :, None] & k_pure[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
-    meet, same = overlap.any(0).tolist(), one_doc.all(0).tolist()
-    return tuple(
-        _Tile(t.qf, t.kf, t.causal_mask, not same[t.qf][t.kf]) for t in tiles if meet[t.qf][t.kf]
-    )
-
-
-def _runs(tiles: list[_Tile], tile_elements: int) -> list[list[_Tile]]:
-    """The tiles of one query fragment in runs of neighbours (key fragment index rising
-    by one) of at most ``_RUN_ELEMENTS`` scores, ``tile_elements`` being one tile's."""
-    limit = max(1, _RUN_ELEMENTS // tile_elements)
-    runs: list[list[_Tile]] = []
-    for tile in tiles:
-        last = runs[-1][-1] if runs else None
-        if last is not None and tile.kf == last.kf + 1 and len(runs[-1]) < limit:
-            runs[-1].append(tile)
-        else:
-            runs.append([tile])
-    return runs
-
-
-class _Biases:
-    """Additive tile masks (0 visible, -inf hidden) in folded-row layout, causal ones cached.
-
-    An in-place add of a float bias is several times faster than ``masked_fill_``
-    with a broadcast boolean mask on CPU.
-    """
-
-    def __init__(
-        self,
-        *,
-        size: int,
-        group: int,
-        q_start: int,
-        k_start: int,
-        n_q: int,
-        n_k: int,
-        q_doc: Tensor | None,
-        k_doc: Tensor | None,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self.size, self.group, self.n_q, self.n_k = size, group, n_q, n_k
-        self.q_start, self.k_start, self.dtype, self.device = q_start, k_start, dtype, device
-        self.q_doc = None
-        if q_doc is not None:  # one row per query head of a group, as in the folded layout
-            self.q_doc = q_doc[:, :, None].expand(-1, -1, group).reshape(q_doc.shape[0], -1)
-        self.k_doc = k_doc
-        self._causal: dict[tuple[int, int, int], Tensor] = {}
-
-    def _geometry(self, tile: _Tile) -> tuple[int, int, int]:
-        """(query position - key position at the tile's corner, rows, cols) of a tile."""
-        rows = min(self.size, self.n_q - tile.qf * self.size)
-        cols = min(self.size, self.n_k - tile.kf * self.size)
-        offset = (self.q_start + tile.qf * self.size) - (self.k_start + tile.kf * self.size)
-        return offset, rows, cols
-
-    def _causal_hidden(self, tile: _Tile) -> Tensor:
-        """Causally hidden pairs of a tile, (rows * group, cols) bool."""
-        offset, rows, cols = self._geometry(tile)
-        q_pos = torch.arange(offset, offset + rows, device=self.device)
-        q_pos = q_pos[:, None].expand(rows, self.group).reshape(-1)
-        return torch.arange(cols, device=self.device) > q_pos[:, None]
-
-    def _bias(self, hidden: Tensor) -> Tensor:
-        bias = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
-        return bias.masked_fill_(hidden, -math.inf)
-
-    def __call__(self, tile: _Tile) -> Tensor:
-        """Bias of shape (rows, cols) or, with documents, (B, 1, rows, cols)."""
-        if not tile.doc_mask:
-            key = self._geometry(tile)
-            if key not in self._causal:
-                self._causal[key] = self._bias(self._causal_hidden(tile))
-            return self._causal[key]
-        assert self.q_doc is not None and self.k_doc is not None
-        rows = slice(tile.qf * self.size * self.group, (tile.qf + 1) * self.size * self.group)
-        qd = self.q_doc[:, rows, None]
-        kd = self.k_doc[:, None, tile.kf * self.size : (tile.kf + 1) * self.size]
-        hidden = (qd != kd) | (qd < 0)
-        if tile.causal_mask:
-            hidden |= self._causal_hidden(tile)
-        return self._bias(hidden[:, None])
-
-
-def _add_bias(scores: Tensor, bias: Tensor, batch: int) -> None:
-    """Add a tile bias in place; scores are (B * Hkv, rows, cols)."""
-    if bias.dim() == 2:
-        scores.add_(bias)
-    else:
-        scores.view(batch, -1, *scores.shape[1:]).add_(bias)
 
 
 def _fold(x: Tensor, kv_heads: int) -> Tensor:
@@ -347,22 +176,22 @@ def fragment_forward(
     # model's merge of the heads, (B, Tq, H * D), then reads without a copy
     out = q.new_zeros(batch, n_q, heads, dim, dtype=acc_dtype)
     lse = torch.full(q3.shape[:2], -math.inf, dtype=acc_dtype, device=q.device)
-    tiles = _plan(
+    tiles = plan_tiles(
         n_q, n_k, size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc
     )
-    biases = _Biases(
+    biases = Biases(
         size=size, group=group, q_start=q_start, k_start=k_start, n_q=n_q, n_k=n_k,
         q_doc=q_doc, k_doc=k_doc, dtype=acc_dtype, device=q.device,
     )  # fmt: skip
     rows_of = size * group
-    by_query: dict[int, list[_Tile]] = {}
+    by_query: dict[int, list[Tile]] = {}
     for tile in tiles:
         by_query.setdefault(tile.qf, []).append(tile)
     tile_elements = batch * kv_heads * rows_of * size
     for qf, row_tiles in by_query.items():
         rows = slice(qf * rows_of, (qf + 1) * rows_of)
         q_frag = q3[:, rows] * (scale * LOG2E)
-        runs = _runs(row_tiles, tile_elements)
+        runs = runs_of(row_tiles, tile_elements)
         o_frag, lse2 = _forward_fragment(q_frag, k3t, v3, runs, biases, batch, size)
         positions = out[:, qf * size : (qf + 1) * size]
         n = positions.shape[1]
@@ -377,8 +206,8 @@ def _forward_fragment(
     q_frag: Tensor,
     k3t: Tensor,
     v3: Tensor,
-    runs: list[list[_Tile]],
-    biases: Callable[[_Tile], Tensor],
+    runs: list[list[Tile]],
+    biases: Callable[[Tile], Tensor],
     batch: int,
     size: int,
 ) -> tuple[Tensor, Tensor]:
@@ -390,7 +219,7 @@ def _forward_fragment(
         masked = False
         for j, tile in enumerate(run):
             if tile.causal_mask or tile.doc_mask:
-                _add_bias(s[:, :, j * size : (j + 1) * size], biases(tile), batch)
+                add_bias(s[:, :, j * size : (j + 1) * size], biases(tile), batch)
                 masked = True
         m_new = s.amax(-1, keepdim=True)
         if m is not None:
@@ -464,14 +293,14 @@ def fragment_backward(
     dq_frags = q3.new_zeros(n_qf, batch * kv_heads, rows_of, dim)
     dk = torch.zeros_like(k3)
     dv = torch.zeros_like(v3)
-    tiles = _plan(
+    tiles = plan_tiles(
         n_q, n_k, size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc
     )
-    biases = _Biases(
+    biases = Biases(
         size=size, group=group, q_start=q_start, k_start=k_start, n_q=n_q, n_k=n_k,
         q_doc=q_doc, k_doc=k_doc, dtype=acc_dtype, device=q.device,
     )  # fmt: skip
-    by_key: dict[int, list[_Tile]] = {}
+    by_key: dict[int, list[Tile]] = {}
     for tile in tiles:
         by_key.setdefault(tile.kf, []).append(tile)
     frags = _QueryFragments(q3, do3, neg_lse2, neg_delta, rows_of=rows_of)
@@ -485,7 +314,7 @@ def fragment_backward(
             q_frag, do_frag, lse_frag, nd_frag = frags[tile.qf]
             p = torch.baddbmm(lse_frag, q_frag, k_frag_t, alpha=alpha)
             if tile.causal_mask or tile.doc_mask:
-                _add_bias(p, biases(tile), batch)
+                add_bias(p, biases(tile), batch)
             p.exp2_()
             ds = torch.baddbmm(nd_frag, do_frag, v_frag_t).mul_(p)
             dq_frags[tile.qf, :, : q_frag.shape[1]].baddbmm_(ds, k_frag, alpha=scale)

@@ -11,16 +11,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fraglm.attention import (
     BACKENDS,
     attention,
-    fragment,
     fragment_attention,
     fragment_backward,
     fragment_forward,
     merge,
     naive_attention,
     sdpa_attention,
+    tiles,
 )
 from fraglm.attention.documents import meeting_ranges
-from fraglm.attention.fragment import _plan
+from fraglm.attention.tiles import plan_tiles
 from fraglm.errors import FraglmError
 
 
@@ -108,10 +108,10 @@ def test_runs_of_tiles_match_naive(name: str, tiles_per_run: int, monkeypatch) -
     case = CASES[name]
     group = case.heads // case.kv_heads
     tile = case.batch * case.kv_heads * case.fragment * group * case.fragment
-    monkeypatch.setattr(fragment, "_RUN_ELEMENTS", tiles_per_run * tile)
-    row = [t for t in _plan(37, 37, 16, causal=False, q_start=0, k_start=0, q_doc=None,
+    monkeypatch.setattr(tiles, "RUN_ELEMENTS", tiles_per_run * tile)
+    row = [t for t in plan_tiles(37, 37, 16, causal=False, q_start=0, k_start=0, q_doc=None,
                             k_doc=None) if t.qf == 0]  # fmt: skip
-    runs = [[t.kf for t in r] for r in fragment._runs(row, tile)]
+    runs = [[t.kf for t in r] for r in tiles.runs_of(row, tile)]
     assert runs == ([[0], [1], [2]] if tiles_per_run == 1 else [[0, 1], [2]])
     q, k, v, dout, docs = make_inputs(case, torch.float64)
     kw = {"causal": case.causal, "doc_ids": docs}
@@ -261,11 +261,11 @@ def test_query_block_before_key_block_sees_nothing() -> None:
 
 def test_plan_skips_future_and_foreign_tiles() -> None:
     n, size = 64, 16  # 4 x 4 fragments
-    causal = _plan(n, n, size, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    causal = plan_tiles(n, n, size, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
     assert len(causal) == 10  # lower triangle only
     assert [t.qf == t.kf for t in causal] == [t.causal_mask for t in causal]
     docs = torch.arange(n).div(32, rounding_mode="floor")[None]  # two documents of 2 fragments
-    packed = _plan(n, n, size, causal=True, q_start=0, k_start=0, q_doc=docs, k_doc=docs)
+    packed = plan_tiles(n, n, size, causal=True, q_start=0, k_start=0, q_doc=docs, k_doc=docs)
     assert [(t.qf, t.kf) for t in packed] == [(0, 0), (1, 0), (1, 1), (2, 2), (3, 2), (3, 3)]
     assert not any(t.doc_mask for t in packed)  # every kept tile holds one document
 
@@ -356,11 +356,10 @@ def test_training_step_with_documents_reads_nothing_on_the_host(monkeypatch, op_
 
     On the CPU the ids are host memory and steer the plan for free; the accelerator
     branch runs here by declaring the ids unreadable, and must still be exact."""
-    from fraglm.attention import fragment
     from fraglm.config import ModelConfig
     from fraglm.nn.model import Transformer
 
-    monkeypatch.setattr(fragment, "_reads_on_host", lambda device: False)
+    monkeypatch.setattr(tiles, "reads_on_host", lambda device: False)
     torch.manual_seed(0)
     model = Transformer(
         ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=40, fragment_size=8), 50
@@ -383,8 +382,8 @@ def test_training_step_with_documents_reads_nothing_on_the_host(monkeypatch, op_
 
 def test_plan_is_built_once_per_shape() -> None:
     args = (64, 64, 16)
-    first = _plan(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
-    again = _plan(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    first = plan_tiles(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
+    again = plan_tiles(*args, causal=True, q_start=0, k_start=0, q_doc=None, k_doc=None)
     assert first is again
 
 
