@@ -1,1 +1,1 @@
-"""runs"""
+"""Run directories: their layout, checkpoints written and verified, resume policy, and loading a trained run."""

@@ -1,1 +1,1 @@
-"""tools"""
+"""Looking at runs: training curves and attention maps (the viz extra)."""
