@@ -36,7 +36,9 @@ from fraglm.data.corpus import (
 from fraglm.data.tokenizer import load_tokenizer, special_ids, token_byte_lengths, vocab_size
 from fraglm.device import plan_device, resolve_device
 from fraglm.errors import FraglmError
+from fraglm.nn.loss import TokenLoss
 from fraglm.nn.model import Transformer
+from fraglm.parallel.context import apply_context_parallel, local_attention
 from fraglm.parallel.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -46,6 +48,7 @@ from fraglm.parallel.distributed import (
     teardown,
     wait_for_main,
 )
+from fraglm.parallel.zigzag import zigzag_share
 from fraglm.runs import checkpoint as ckpt
 from fraglm.runs.init_from import parent_run
 from fraglm.storage import locks
@@ -228,10 +231,13 @@ class Trainer:
             ckpt.load_weights(self.model, start)
             if self.env.is_main:
                 print(f"initialised from {start}")
-        self.forward_model: torch.nn.Module = self.model
+        if self.env.cp_group is not None:
+            apply_context_parallel(self.model, self.env.cp_group)
+        # the training objective, as the module that DDP and torch.compile wrap
+        self.forward_model: torch.nn.Module = TokenLoss(self.model)
         if self.env.enabled:
             device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
         if self.plan.compile:
             self.forward_model = torch.compile(self.forward_model)
         elif tcfg.compile:
@@ -327,7 +333,7 @@ class Trainer:
             self.train_sampler.batch(s, self.device) for s in np.array_split(mine, tcfg.grad_accum)
         ]
         if env.context_parallel > 1:
-            batches = [b.zigzag_share(env.cp_rank, env.context_parallel) for b in batches]
+            batches = [zigzag_share(b, env.cp_rank, env.context_parallel) for b in batches]
         return batches
 
     def train_step(self) -> float:
@@ -346,9 +352,7 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             sync = not self.env.enabled or index == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                loss_sum = token_loss_sum(
-                    self.forward_model, batch, self.plan.precision, self.env.cp_group
-                )
+                loss_sum = token_loss_sum(self.forward_model, batch, self.plan.precision)
                 self.scaler.scale(loss_sum * (self.env.world / counted)).backward()
             loss_sums.append(loss_sum.detach())
         # one host sync per step, after every micro-batch is queued
@@ -402,14 +406,15 @@ class Trainer:
         if self.val_sampler is None or not self.env.is_main:
             return None
         tcfg = self.cfg.train
-        loss, _ = evaluate(
-            self.model,
-            self.val_sampler,
-            self._val_starts(),
-            batch_size=tcfg.batch_size // tcfg.grad_accum,
-            precision=self.plan.precision,
-            device=self.device,
-        )
+        with local_attention(self.model):  # whole sequences on this rank alone, no ring
+            loss, _ = evaluate(
+                self.model,
+                self.val_sampler,
+                self._val_starts(),
+                batch_size=tcfg.batch_size // tcfg.grad_accum,
+                precision=self.plan.precision,
+                device=self.device,
+            )
         return loss
 
     def val_bits_per_byte(self, loss: float) -> float:
