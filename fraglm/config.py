@@ -119,6 +119,21 @@ class ModelConfig:
         "every block starts as the identity.",
     )
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or one per query head."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """MLP hidden width: ``mlp_hidden``, or 4 * d_model."""
+        return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.d_model
+
 
 @dataclass
 class TrainConfig:
@@ -355,7 +370,7 @@ def _check_consistency(cfg: Config) -> None:
         raise FraglmError(
             f"config key 'model.n_heads' = {m.n_heads}: must divide model.d_model = {m.d_model}"
         )
-    if (m.d_model // m.n_heads) % 2 and m.arch == "modern":
+    if m.head_dim % 2 and m.arch == "modern":
         raise FraglmError(
             f"config key 'model.n_heads' = {m.n_heads}: head size d_model/n_heads must be even "
             "for RoPE"

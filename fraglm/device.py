@@ -157,7 +157,7 @@ def plan_device(device: torch.device, train: TrainConfig, model: ModelConfig) ->
     """
     capability = _cuda_capability(device)
     precision = _resolve_precision(train.precision, device)
-    head_dim = model.d_model // model.n_heads
+    head_dim = model.head_dim
     attention = choose_impl(model.fragment_impl, device, precision.dtype, head_dim)
     compiles = device.type != "mps" and (capability is None or capability >= (7, 0))
     ampere = capability is not None and capability >= (8, 0)

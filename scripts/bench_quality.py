@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fraglm.config import ModelConfig, load_config  # noqa: E402
 from fraglm.export.hf import llama_config  # noqa: E402
-from fraglm.nn.loss import IGNORE_INDEX  # noqa: E402
+from fraglm.nn.loss import TokenLoss  # noqa: E402
 from fraglm.training.optim import build_optimizer  # noqa: E402
 from fraglm.training.tracking import read_metrics  # noqa: E402
 from fraglm.training.trainer import Trainer  # noqa: E402
@@ -43,7 +42,8 @@ DEFAULT_VARIANTS = ["p100:config=configs/p100.yaml", "seed:config=configs/seed.y
 
 
 class LlamaLM(torch.nn.Module):
-    """transformers' Llama of a fraglm model shape, behind the trainer's loss interface."""
+    """transformers' Llama of a fraglm model shape, with what the trainer's loss
+    (:class:`fraglm.nn.loss.TokenLoss`) reads: ``hidden_states``, ``head``, ``vocab_size``."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -51,18 +51,13 @@ class LlamaLM(torch.nn.Module):
 
         self.hf = LlamaForCausalLM(LlamaConfig(**llama_config(cfg, vocab_size)))
         self.blocks = self.hf.model.layers  # the matrices train.optimizer=muon updates
+        self.head, self.vocab_size = self.hf.lm_head, vocab_size
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, *, targets: torch.Tensor, **_: object) -> torch.Tensor:
-        logits = self.hf(input_ids=idx).logits
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+    def hidden_states(self, idx: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.hf.model(input_ids=idx).last_hidden_state
 
 
 @dataclass
@@ -94,7 +89,8 @@ def train_variant(variant: Variant, common: list[str], out_dir: str) -> float:
     trainer = Trainer(cfg)
     if variant.llama:
         torch.manual_seed(cfg.train.seed)
-        trainer.model = trainer.forward_model = LlamaLM(cfg.model, trainer.vocab_size)
+        trainer.model = LlamaLM(cfg.model, trainer.vocab_size)
+        trainer.forward_model = TokenLoss(trainer.model)
         trainer.optimizer = build_optimizer(trainer.model, cfg.train, trainer.plan.muon_dtype)
     trainer.run()
     return (time.perf_counter() - start) / 60

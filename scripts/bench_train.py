@@ -8,7 +8,7 @@ CPU, which differ only in the fragment size (128 and 64; 64 measured faster on a
 docs/benchmarks.md). Compared models:
 
 - fraglm's modern ``Transformer`` with the attention backends in ``--backends``, its loss
-  through the trainer's fused head + cross-entropy (:mod:`fraglm.nn.loss`), its products
+  the trainer's (:class:`fraglm.nn.loss.TokenLoss`: the head a chunk at a time), its products
   through torch's own matmuls, as the transformers model's; QK-norm off, so that it
   computes what Llama computes;
 - when the config trains with QK-norm (p100.yaml's recipe), one more fraglm row with it,
@@ -71,6 +71,7 @@ from fraglm.config import TrainConfig, load_config
 from fraglm.device import Precision, plan_device, resolve_device
 from fraglm.errors import FraglmError
 from fraglm.export.hf import llama_config
+from fraglm.nn.loss import TokenLoss
 from fraglm.nn.model import Transformer
 from fraglm.training.allocator import keep_freed_memory
 from fraglm.training.optim import build_optimizer
@@ -185,13 +186,14 @@ def build_variants(args: argparse.Namespace, cfg, device: torch.device) -> list[
     for name, model_cfg in rows:
         torch.manual_seed(0)
         model = Transformer(model_cfg, VOCAB).to(device)
-        # the trainer's own path: the fused head + cross-entropy of fraglm.nn.loss
+        loss = TokenLoss(model)
+        # the trainer's own path: fraglm.nn.loss's TokenLoss
         variants.append(
             Variant(
                 name,
                 model_cfg.attention,
                 model,
-                lambda x, y, m=model: m(x, targets=y) / y.numel(),
+                lambda x, y, loss=loss: loss(x, y) / y.numel(),
                 [],
             )
         )

@@ -13,6 +13,7 @@ from fraglm.attention import triton_op
 from fraglm.config import ModelConfig, TrainConfig, load_config
 from fraglm.data.batches import Batch
 from fraglm.errors import FraglmError
+from fraglm.nn.loss import TokenLoss
 from fraglm.nn.model import Transformer
 from fraglm.training.evaluation import token_loss_sum
 from fraglm.training.optim import build_optimizer
@@ -208,7 +209,7 @@ def p100_config_step(plan: dev.DevicePlan, op_log) -> tuple[object, torch.amp.Gr
     docs = torch.arange(256).div(100, rounding_mode="floor").expand(2, -1)
     batch = Batch(tokens[:, :-1], tokens[:, 1:], docs)
     with op_log() as log:
-        loss = token_loss_sum(model, batch, plan.precision)
+        loss = token_loss_sum(TokenLoss(model), batch, plan.precision)
         scaler.scale(loss / tokens[:, 1:].numel()).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

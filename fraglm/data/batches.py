@@ -14,7 +14,6 @@ import torch
 
 from fraglm.config import ANSWER, END, QUESTION, Config
 from fraglm.nn.loss import IGNORE_INDEX
-from fraglm.parallel.ring import zigzag_indices
 
 
 @dataclass
@@ -23,17 +22,6 @@ class Batch:
     targets: torch.Tensor
     doc_ids: torch.Tensor | None
     positions: torch.Tensor | None = None  # set for a context-parallel share
-
-    def zigzag_share(self, rank: int, world: int) -> Batch:
-        """The part of every sequence that context-parallel ``rank`` of ``world`` holds."""
-        length = self.inputs.shape[1]
-        index = zigzag_indices(length, rank, world, self.inputs.device)
-        return Batch(
-            self.inputs[:, index],
-            self.targets[:, index],
-            None if self.doc_ids is None else self.doc_ids[:, index],
-            index,
-        )
 
 
 def answer_target_mask(

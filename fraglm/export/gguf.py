@@ -33,7 +33,7 @@ from fraglm.config import END, PAD, SPECIAL_TOKENS, ModelConfig
 from fraglm.data.chat_template import CHAT_TEMPLATE
 from fraglm.errors import FraglmError
 from fraglm.export.hf import hf_architecture, hf_state_dict, load_exportable_run
-from fraglm.nn.model import Transformer, kv_heads, mlp_hidden_size
+from fraglm.nn.model import Transformer
 
 if TYPE_CHECKING:
     import gguf
@@ -93,7 +93,7 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         if kind == "ATTN_Q" and interleave:
             tensor = interleave_rope_rows(tensor, model.cfg.n_heads)
         elif kind == "ATTN_K" and interleave:
-            tensor = interleave_rope_rows(tensor, kv_heads(model.cfg))
+            tensor = interleave_rope_rows(tensor, model.cfg.kv_heads)
         tensors[names[kinds[kind]].format(bid=int(layer)) + ".weight"] = tensor
     return tensors
 
@@ -152,12 +152,12 @@ def _add_model_metadata(writer: gguf.GGUFWriter, model: Transformer, dtype: str,
     writer.add_context_length(m.context_length)
     writer.add_embedding_length(m.d_model)
     writer.add_block_count(m.n_layers)
-    writer.add_feed_forward_length(mlp_hidden_size(m))
+    writer.add_feed_forward_length(m.mlp_hidden_size)
     writer.add_head_count(m.n_heads)
-    writer.add_head_count_kv(kv_heads(m))
-    writer.add_key_length(m.d_model // m.n_heads)
-    writer.add_value_length(m.d_model // m.n_heads)
-    writer.add_rope_dimension_count(m.d_model // m.n_heads)
+    writer.add_head_count_kv(m.kv_heads)
+    writer.add_key_length(m.head_dim)
+    writer.add_value_length(m.head_dim)
+    writer.add_rope_dimension_count(m.head_dim)
     writer.add_rope_freq_base(m.rope_theta)
     writer.add_layer_norm_rms_eps(m.norm_eps)
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from fraglm.config import END, PAD, ModelConfig
 from fraglm.errors import FraglmError
-from fraglm.nn.model import Transformer, kv_heads, mlp_hidden_size
+from fraglm.nn.model import Transformer
 from fraglm.runs.loading import LoadedRun, load_run
 
 
@@ -34,11 +34,11 @@ def llama_config(
         "model_type": "llama",
         "vocab_size": vocab_size,
         "hidden_size": m.d_model,
-        "intermediate_size": mlp_hidden_size(m),
+        "intermediate_size": m.mlp_hidden_size,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": kv_heads(m),
-        "head_dim": m.d_model // m.n_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.context_length,
         "rms_norm_eps": m.norm_eps,
@@ -80,8 +80,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """fraglm weights under transformers' Llama (or Qwen3) names (a tied output head is
     not stored twice)."""
     m = model.cfg
-    head_dim = m.d_model // m.n_heads
-    q_size, kv_size = m.n_heads * head_dim, kv_heads(m) * head_dim
+    head_dim = m.head_dim
+    q_size, kv_size = m.n_heads * head_dim, m.kv_heads * head_dim
     state = {
         "model.embed_tokens.weight": model.embed.weight,
         "model.norm.weight": model.norm.weight,

@@ -1,1 +1,3 @@
-"""A trained run answering: sampling token by token with a KV cache, and the OpenAI-compatible server."""
+"""A trained run answering: sampling token by token with a KV cache, and the OpenAI-
+compatible server.
+"""

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer
 from fraglm.config import ANSWER, QUESTION, SampleConfig
 from fraglm.data.tokenizer import decode_stream
 from fraglm.errors import FraglmError
-from fraglm.nn.model import KVCache, Transformer
+from fraglm.nn.cache import KVCache
+from fraglm.nn.model import Transformer
 
 logger = logging.getLogger(__name__)
 

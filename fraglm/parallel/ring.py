@@ -1,7 +1,8 @@
 """Ring attention: one sequence spread over the ranks of a process group.
 
-Each of the N ranks holds 2 of the sequence's 2N equal chunks in *zigzag* order: rank r
-holds chunks r and 2N-1-r, so under a causal mask every rank has the same amount of work.
+Each of the N ranks holds 2 of the sequence's 2N equal chunks in *zigzag* order
+(:mod:`fraglm.parallel.zigzag`): rank r holds chunks r and 2N-1-r, so under a causal mask
+every rank has the same amount of work.
 Keys and values travel around the ring (rank r sends to r+1) with
 ``torch.distributed.batch_isend_irecv``; the transfer of the next block is started
 before the current block is computed, so communication overlaps computation. Partial
@@ -26,29 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fraglm.attention.fragment import fragment_backward, fragment_forward, merge, softmax_delta
-
-
-def zigzag_chunks(rank: int, world: int) -> tuple[int, int]:
-    """The two chunk indices (of 2 * world) that ``rank`` holds."""
-    return rank, 2 * world - 1 - rank
-
-
-def zigzag_indices(
-    length: int, rank: int, world: int, device: torch.device | None = None
-) -> Tensor:
-    """Positions of the sequence that ``rank`` holds, in local order."""
-    if length % (2 * world):
-        raise ValueError(f"sequence length {length} must be divisible by 2 * ranks = {2 * world}")
-    chunk = length // (2 * world)
-    first, second = zigzag_chunks(rank, world)
-    positions = torch.arange(length, device=device).view(2 * world, chunk)
-    return torch.cat((positions[first], positions[second]))
-
-
-def zigzag_split(x: Tensor, rank: int, world: int, dim: int) -> Tensor:
-    """This rank's zigzag share of ``x`` along ``dim``."""
-    index = zigzag_indices(x.shape[dim], rank, world, x.device)
-    return x.index_select(dim, index)
+from fraglm.parallel.zigzag import zigzag_chunks
 
 
 class _Ring:
@@ -234,8 +213,8 @@ def ring_attention(
     """Exact attention over a sequence whose zigzag shares are spread over ``group``.
 
     q (B, H, 2C, D) and k, v (B, Hkv, 2C, D) are this rank's share (see
-    :func:`zigzag_split`); ``doc_ids`` (B, 2C) likewise. Returns this rank's share of
-    the output, equal to slicing the output of single-process
+    :func:`fraglm.parallel.zigzag.zigzag_split`); ``doc_ids`` (B, 2C) likewise. Returns
+    this rank's share of the output, equal to slicing the output of single-process
     :func:`~fraglm.attention.fragment.fragment_attention` on the whole sequence.
     ``impl`` chooses the block routines' kernels (``auto`` | ``triton`` | ``torch``).
     """

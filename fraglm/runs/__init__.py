@@ -1,1 +1,3 @@
-"""Run directories: their layout, checkpoints written and verified, resume policy, and loading a trained run."""
+"""Run directories: their layout, checkpoints written and verified, resume policy, and
+loading a trained run.
+"""

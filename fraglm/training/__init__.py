@@ -1,1 +1,3 @@
-"""The training loop and what it is built from: data, model, optimizer, schedule, evaluation, resume state and metrics."""
+"""The training loop and what it is built from: data, model, optimizer, schedule,
+evaluation, resume state and metrics.
+"""

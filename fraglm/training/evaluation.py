@@ -8,33 +8,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fraglm.config import TrainConfig
 from fraglm.data.batches import Batch, WindowSampler
 from fraglm.device import Precision
+from fraglm.nn.loss import TokenLoss
+from fraglm.nn.model import Transformer
 
 
-def token_loss_sum(
-    model: torch.nn.Module,
-    batch: Batch,
-    precision: Precision,
-    cp_group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """Summed cross-entropy over the batch's counted target tokens (fp32)."""
+def token_loss_sum(objective: torch.nn.Module, batch: Batch, precision: Precision) -> torch.Tensor:
+    """Summed cross-entropy over the batch's counted target tokens (fp32), through
+    ``objective``: a :class:`~fraglm.nn.loss.TokenLoss`, or the trainer's wrapping of one."""
     with precision.context(batch.inputs.device):
-        return model(
-            batch.inputs,
-            doc_ids=batch.doc_ids,
-            positions=batch.positions,
-            cp_group=cp_group,
-            targets=batch.targets,
+        return objective(
+            batch.inputs, batch.targets, doc_ids=batch.doc_ids, positions=batch.positions
         )
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    model: Transformer,
     sampler: WindowSampler,
     starts: np.ndarray,
     *,
@@ -45,9 +38,10 @@ def evaluate(
     """Mean loss per counted token over the windows at ``starts``, and the token count."""
     was_training = model.training
     model.eval()
+    objective = TokenLoss(model)
     sums, count = [], 0
     for chunk in np.array_split(starts, max(1, math.ceil(len(starts) / batch_size))):
-        sums.append(token_loss_sum(model, sampler.batch(chunk, device), precision))
+        sums.append(token_loss_sum(objective, sampler.batch(chunk, device), precision))
         count += sampler.counted_targets(chunk)  # counted on the host, from the windows
     model.train(was_training)
     total = float(torch.stack(sums).sum()) if sums else 0.0  # the one host sync, at the end

@@ -24,7 +24,9 @@ from fraglm.data.batches import Batch
 from fraglm.data.tokenizer import TOKENIZER_FILE
 from fraglm.device import plan_device, resolve_device
 from fraglm.errors import FraglmError
+from fraglm.nn.loss import TokenLoss
 from fraglm.nn.model import Transformer
+from fraglm.parallel.context import apply_context_parallel, local_attention
 from fraglm.parallel.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -33,6 +35,7 @@ from fraglm.parallel.distributed import (
     setup,
     teardown,
 )
+from fraglm.parallel.zigzag import zigzag_share
 from fraglm.runs.checkpoint import save_checkpoint
 from fraglm.runs.layout import write_run_files
 from fraglm.runs.pointers import checkpoint_dir
@@ -140,10 +143,13 @@ class Trainer:
             start = checkpoint_dir(parent, "best")
             load_weights(self.model, start)
             log.info("initialised from %s", start)
-        self.forward_model: torch.nn.Module = self.model
+        if self.env.cp_group is not None:
+            apply_context_parallel(self.model, self.env.cp_group)
+        # the training objective, as the module that DDP and torch.compile wrap
+        self.forward_model: torch.nn.Module = TokenLoss(self.model)
         if self.env.enabled:
             device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
         if self.plan.compile:
             self.forward_model = torch.compile(self.forward_model)
         elif tcfg.compile:
@@ -203,7 +209,7 @@ class Trainer:
             self.train_sampler.batch(s, self.device) for s in np.array_split(mine, tcfg.grad_accum)
         ]
         if env.context_parallel > 1:
-            batches = [b.zigzag_share(env.cp_rank, env.context_parallel) for b in batches]
+            batches = [zigzag_share(b, env.cp_rank, env.context_parallel) for b in batches]
         return batches
 
     def train_step(self) -> float:
@@ -222,9 +228,7 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             sync = not self.env.enabled or index == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                loss_sum = token_loss_sum(
-                    self.forward_model, batch, self.plan.precision, self.env.cp_group
-                )
+                loss_sum = token_loss_sum(self.forward_model, batch, self.plan.precision)
                 self.scaler.scale(loss_sum * (self.env.world / counted)).backward()
             loss_sums.append(loss_sum.detach())
         # one host sync per step, after every micro-batch is queued
@@ -252,7 +256,8 @@ class Trainer:
         """Validation loss on the fixed windows (rank 0 only, on the unwrapped model)."""
         if self.validation is None or not self.env.is_main:
             return None
-        return self.validation.loss(self.model, self.plan.precision, self.device)
+        with local_attention(self.model):  # whole sequences on this rank alone, no ring
+            return self.validation.loss(self.model, self.plan.precision, self.device)
 
     def run(self, *, max_new_steps: int | None = None) -> TrainResult:
         """Train to ``train.max_steps`` (or ``max_new_steps`` more).

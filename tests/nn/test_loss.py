@@ -1,102 +1,160 @@
-"""The fused head + cross-entropy equals the plain one, values and gradients."""
+"""The training loss through ``head`` a chunk at a time equals the plain one, values and
+gradients; hooks on ``head`` run; one chunk's logits at a time."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fraglm.nn import loss as fused
-from fraglm.nn.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from fraglm.config import ModelConfig
+from fraglm.nn.loss import IGNORE_INDEX, TokenLoss, chunked_cross_entropy_sum
+from fraglm.nn.model import Transformer
 
 
 def _inputs(dtype, rows=37, dim=8, vocab=50, bias=True):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(rows, dim, dtype=dtype, generator=gen, requires_grad=True)
-    weight = torch.randn(vocab, dim, dtype=dtype, generator=gen, requires_grad=True)
-    b = torch.randn(vocab, dtype=dtype, generator=gen, requires_grad=True) if bias else None
+    head = nn.Linear(dim, vocab, bias=bias).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, dim, dtype=dtype, generator=gen))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, dtype=dtype, generator=gen))
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     targets[::5] = IGNORE_INDEX
-    return hidden, weight, b, targets
+    return hidden, head, targets
 
 
-def _reference(hidden, weight, bias, targets):
+def _leaves(hidden, head):
+    return [hidden, *head.parameters()]
+
+
+def _reference(hidden, head, targets):
+    """Plain cross-entropy of all logits at once, on detached copies."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = head.weight.detach().clone().requires_grad_()
+    bias = None if head.bias is None else head.bias.detach().clone().requires_grad_()
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, [t for t in (hidden, weight, bias) if t is not None]
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("chunk_elements", [50, 7 * 50, 1 << 21])  # 1 row, 7 rows, all rows
-def test_matches_plain_cross_entropy_fp64(monkeypatch, bias, chunk_elements):
-    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", chunk_elements)
-    args = _inputs(torch.float64, bias=bias)
-    got = linear_cross_entropy_sum(*args)
-    grads = torch.autograd.grad(3.0 * got, [t for t in args[:3] if t is not None])
-    ref_args = [t.detach().clone().requires_grad_() if t is not None else None for t in args[:3]]
-    want = _reference(*ref_args, args[3])
-    want_grads = torch.autograd.grad(3.0 * want, [t for t in ref_args if t is not None])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])  # 1 row, 7 rows, all rows
+def test_matches_plain_cross_entropy_fp64(bias, chunk_rows):
+    hidden, head, targets = _inputs(torch.float64, bias=bias)
+    got = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(3.0 * got, _leaves(hidden, head))
+    want, ref_leaves = _reference(hidden, head, targets)
+    want_grads = torch.autograd.grad(3.0 * want, ref_leaves)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
-def test_float32_at_training_size_matches_plain_cross_entropy(monkeypatch):
+def test_float32_at_training_size_matches_plain_cross_entropy():
     """float32 with enough rows for several chunks, as in training."""
-    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", 128 * 70)
-    args = _inputs(torch.float32, rows=300, dim=16, vocab=70)
-    got = linear_cross_entropy_sum(*args)
-    grads = torch.autograd.grad(got, args[:3])
-    ref_args = [t.detach().clone().requires_grad_() for t in args[:3]]
-    want = _reference(*ref_args, args[3])
+    hidden, head, targets = _inputs(torch.float32, rows=300, dim=16, vocab=70)
+    got = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=128)
+    grads = torch.autograd.grad(got, _leaves(hidden, head))
+    want, ref_leaves = _reference(hidden, head, targets)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    for g, w in zip(grads, torch.autograd.grad(want, ref_args), strict=True):
+    for g, w in zip(grads, torch.autograd.grad(want, ref_leaves), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+class _Linear(nn.Module):
+    """A head whose weight and bias are the caller's tensors, for gradcheck."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.w, self.b = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w, self.b)
+
+
 def test_gradcheck():
-    hidden, weight, bias, targets = _inputs(torch.float64, rows=6, dim=3, vocab=5)
+    hidden, head, targets = _inputs(torch.float64, rows=6, dim=3, vocab=5)
+    leaves = (hidden, head.weight.detach().requires_grad_(), head.bias.detach().requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda h, w, b: linear_cross_entropy_sum(h, w, b, targets), (hidden, weight, bias)
+        lambda h, w, b: chunked_cross_entropy_sum(_Linear(w, b), h, targets, chunk_rows=4), leaves
     )
 
 
 def test_bf16_autocast_is_close_to_fp32():
-    hidden, weight, bias, targets = _inputs(torch.float32)
+    hidden, head, targets = _inputs(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linear_cross_entropy_sum(hidden, weight, bias, targets)
+        got = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8)
     assert got.dtype == torch.float32
-    want = _reference(hidden, weight, bias, targets)
+    want, _ = _reference(hidden, head, targets)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
 
 
 def test_all_rows_ignored_is_zero_with_zero_gradients():
-    hidden, weight, bias, targets = _inputs(torch.float32)
+    hidden, head, targets = _inputs(torch.float32)
     targets[:] = IGNORE_INDEX
-    total = linear_cross_entropy_sum(hidden, weight, bias, targets)
+    total = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8)
     total.backward()
-    assert total == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    assert total == 0 and hidden.grad.abs().sum() == 0 and head.weight.grad.abs().sum() == 0
 
 
 def test_ignored_rows_cost_no_host_sync(op_log):
-    hidden, weight, bias, targets = _inputs(torch.float32)
+    hidden, head, targets = _inputs(torch.float32)
     with op_log() as log:
-        linear_cross_entropy_sum(hidden, weight, bias, targets).backward()
+        chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8).backward()
     assert log.host_syncs == []
 
 
-def test_no_grad_does_no_gradient_work(monkeypatch, op_log):
-    """Evaluation (no_grad) computes each chunk's logits and loss only: one product per
-    chunk, not three, and the same loss as with gradients."""
-    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", 8 * 50)  # 37 rows: 5 chunks
-    hidden, weight, bias, targets = _inputs(torch.float32)
-    products = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default)
-    counts = []
-    for grad_enabled in (True, False):
-        with torch.set_grad_enabled(grad_enabled), op_log() as log:
-            total = linear_cross_entropy_sum(hidden, weight, bias, targets)
-        counts.append((sum(op in products for op in log.ops), len(log.ops)))
-        assert total.requires_grad == grad_enabled
-        if grad_enabled:
-            with_grad = total.detach()
-    (grad_products, grad_ops), (eval_products, eval_ops) = counts
-    assert (grad_products, eval_products) == (3 * 5, 5)
-    assert eval_ops < grad_ops
-    torch.testing.assert_close(total, with_grad, rtol=0, atol=0)
+def test_only_one_chunks_logits_are_kept_for_backward():
+    """Under autograd, what the loss saves for backward holds no logits: each chunk's
+    are recomputed (checkpoint), so memory does not grow with rows x vocab."""
+    hidden, head, targets = _inputs(torch.float32, rows=40, vocab=50)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8)
+    assert max(saved, default=0) < 8 * 50
+    total.backward()
+    assert hidden.grad is not None
+
+
+def test_no_grad_runs_each_chunk_once():
+    """Evaluation (no_grad) projects each chunk once, with the same loss as with gradients."""
+    hidden, head, targets = _inputs(torch.float32)  # 37 rows: 5 chunks of 8
+    calls: list[int] = []
+    head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        total = chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8)
+    assert calls == [8, 8, 8, 8, 5] and not total.requires_grad
+    torch.testing.assert_close(
+        total, chunked_cross_entropy_sum(head, hidden, targets, chunk_rows=8).detach()
+    )
+
+
+def test_token_loss_runs_head_hooks_and_equals_plain_logits():
+    """The objective goes through ``head`` as a module (hooks see every chunk, forward
+    and, recomputed, backward) and equals cross-entropy of the model's own logits."""
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=32, fragment_size=4)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 50).double()
+    objective = TokenLoss(model)
+    objective.chunk_rows = 5
+    idx, targets = torch.randint(0, 50, (2, 2, 12), generator=torch.Generator().manual_seed(1))
+    rows: list[int] = []
+    model.head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    total = objective(idx, targets)
+    assert rows == [5] * 4 + [4]
+    total.backward()
+    assert len(rows) == 10  # each chunk once more, recomputed for backward
+    grads = [p.grad for p in model.parameters()]
+    model.zero_grad()
+    want = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="sum")
+    want.backward()
+    torch.testing.assert_close(total, want, rtol=0, atol=1e-10)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-10)

@@ -11,17 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fraglm.config import ModelConfig, load_config
-from fraglm.nn.model import (
-    MLP,
-    KVCache,
-    RMSNorm,
-    RotaryEmbedding,
-    Transformer,
-    _RotaryHeads,
-    apply_rope,
-    rotary_heads,
-    swiglu,
-)
+from fraglm.nn.cache import KVCache
+from fraglm.nn.layers import RMSNorm, RotaryEmbedding, apply_rope, swiglu
+from fraglm.nn.loss import TokenLoss
+from fraglm.nn.model import MLP, Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 8000  # the p100 and seed presets' BPE vocabulary
@@ -163,7 +156,7 @@ def test_trains_under_bf16_autocast(arch, backend, op_log):
         model = build(cfg)
         with op_log() as log:
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                loss = model(idx, targets=targets) / targets.numel()
+                loss = TokenLoss(model)(idx, targets) / targets.numel()
             loss.backward()
         assert log.host_syncs == [] and loss.dtype == torch.float32
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
@@ -176,15 +169,18 @@ def test_trains_under_bf16_autocast(arch, backend, op_log):
 @pytest.mark.parametrize("arch", ["modern", "seed"])
 def test_forward_calls_every_linear_module(arch):
     """The model calls its modules: forward hooks (LoRA, float8 and other wrappers of
-    nn.Linear rely on them) see every linear layer, in training and in decoding."""
+    nn.Linear rely on them) see every linear layer, head included, in a training step
+    with targets and in decoding."""
     model = build(replace(TINY, arch=arch))
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(linears) == 4 * TINY.n_layers + 1  # qkv, out, up, down per block; head
     called: list[str] = []
     for name, module in linears.items():
         module.register_forward_hook(lambda m, args, out, name=name: called.append(name))
-    model(torch.randint(0, 50, (2, 9))).sum().backward()
-    assert sorted(called) == sorted(linears)
+    idx, targets = torch.randint(0, 50, (2, 2, 9), generator=torch.Generator().manual_seed(0))
+    TokenLoss(model)(idx, targets).backward()  # a training step, loss included
+    assert set(called) == set(linears)
+    assert all(p.grad is not None for p in model.parameters())
     called.clear()
     with torch.no_grad():
         model(torch.randint(0, 50, (2, 9)), last_only=True)
@@ -263,7 +259,7 @@ def test_zero_initialised_output_projections_make_each_block_the_identity():
     rope = model.rope(torch.arange(5))
     for block in model.blocks:
         assert not block.attn.out.weight.any() and not block.mlp.down.weight.any()
-        torch.testing.assert_close(block(x, rope, None, None, None), x, rtol=0, atol=0)
+        torch.testing.assert_close(block(x, rope, None, None), x, rtol=0, atol=0)
     assert float(model.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
 
 
@@ -304,27 +300,6 @@ def test_rope_matches_llamas_rotate_half():
     llama = x * cos[:, None] + torch.cat((-x[..., 8:], x[..., :8]), -1) * sin[:, None]
     cos_table, sin_table = rope(positions)
     torch.testing.assert_close(apply_rope(x, cos_table[:, None], sin_table[:, None]), llama)
-
-
-def test_rotary_heads_gradients_are_exact():
-    """Queries and keys rotated, values passed through, and the gradient of all three
-    written into one tensor of the heads' shape (GQA: 4 query heads, 2 key/value)."""
-    rope = RotaryEmbedding(head_dim=8, theta=10000.0)
-    cos, sin = (t.double()[:, None] for t in rope(torch.arange(5)))
-    heads = torch.randn(2, 5, 8, 8, dtype=torch.float64, requires_grad=True)
-    sizes = (4, 2, 2)
-
-    def reference(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q, k, v = h.split(sizes, dim=2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    with torch.no_grad():
-        for got, want in zip(rotary_heads(heads, cos, sin, sizes), reference(heads), strict=True):
-            torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(lambda h: _RotaryHeads.apply(h, cos, sin, sizes), (heads,))
-    q, k, _ = _RotaryHeads.apply(heads, cos, sin, sizes)  # values unused: zero gradient
-    (grad,) = torch.autograd.grad((q.sum() + k.square().sum()), heads)
-    assert not grad[:, :, 6:].any() and grad[:, :, :6].all()
 
 
 # SwiGLU

@@ -9,7 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fraglm.attention.fragment import fragment_attention
-from fraglm.parallel.ring import ring_attention, zigzag_indices, zigzag_split
+from fraglm.config import ModelConfig
+from fraglm.data.batches import Batch
+from fraglm.nn.layers import AttentionKernel
+from fraglm.nn.model import Transformer
+from fraglm.parallel.context import RingAttentionKernel, apply_context_parallel, local_attention
+from fraglm.parallel.ring import ring_attention
+from fraglm.parallel.zigzag import zigzag_indices, zigzag_share, zigzag_split
 
 B, H, T, D = 2, 4, 48, 8
 
@@ -159,3 +165,34 @@ def test_zigzag_balances_causal_work():
 def test_zigzag_needs_divisible_length():
     with pytest.raises(ValueError, match="divisible"):
         zigzag_indices(30, 0, 4)
+
+
+def test_zigzag_share_takes_each_sequences_share_with_its_positions():
+    inputs = torch.arange(16).view(2, 8)
+    batch = Batch(inputs, inputs + 100, inputs % 3)
+    share = zigzag_share(batch, 1, 2)
+    index = torch.tensor([2, 3, 4, 5])  # chunks 1 and 2 of 4
+    assert share.positions.tolist() == index.tolist()
+    assert torch.equal(share.inputs, inputs[:, index])
+    assert torch.equal(share.targets, inputs[:, index] + 100)
+    assert torch.equal(share.doc_ids, inputs[:, index] % 3)
+    assert zigzag_share(Batch(inputs, inputs, None), 0, 2).doc_ids is None
+
+
+def test_context_parallel_swaps_every_kernel_from_outside():
+    """apply_context_parallel puts a ring kernel in each block (the model holds no group);
+    local_attention restores the plain kernels for a while, for one-rank evaluation."""
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, context_length=32, fragment_size=4)
+    model = Transformer(cfg, 50)
+    plain = [block.attn.kernel for block in model.blocks]
+    before = model.state_dict().keys()
+    group = object()  # never used: nothing runs
+    apply_context_parallel(model, group)  # type: ignore[arg-type]
+    rings = [block.attn.kernel for block in model.blocks]
+    assert all(isinstance(k, RingAttentionKernel) and k.group is group for k in rings)
+    assert model.state_dict().keys() == before  # kernels hold no state: checkpoints unchanged
+    with local_attention(model):
+        assert [block.attn.kernel for block in model.blocks] == plain
+        assert all(isinstance(k, AttentionKernel) for k in plain)
+        model(torch.randint(0, 50, (1, 8)))
+    assert [block.attn.kernel for block in model.blocks] == rings

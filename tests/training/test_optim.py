@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fraglm.config import ModelConfig, TrainConfig
+from fraglm.nn.loss import TokenLoss
 from fraglm.nn.model import Transformer
 from fraglm.training.optim import (
     Muon,
@@ -27,7 +28,7 @@ def model_and_loss(seed: int = 0) -> tuple[Transformer, torch.Tensor]:
     torch.manual_seed(seed)
     model = Transformer(TINY, 50)
     tokens = torch.randint(0, 50, (8, 17))
-    return model, model(tokens[:, :-1], targets=tokens[:, 1:])
+    return model, TokenLoss(model)(tokens[:, :-1], tokens[:, 1:])
 
 
 def test_adamw_decays_matrices_only():
