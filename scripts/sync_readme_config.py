@@ -1,6 +1,6 @@
 """Rewrite the README's configuration reference from the config dataclasses.
 
-Run after changing fraglm/config.py: ``python scripts/sync_readme_config.py``.
+Run after changing fraglm/config/sections.py: ``python scripts/sync_readme_config.py``.
 tests/test_readme.py fails while the README and the dataclasses disagree.
 """
 
