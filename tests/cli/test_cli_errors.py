@@ -103,7 +103,6 @@ def failing_command(monkeypatch):
     def broken(config=None, set_=None):
         raise RuntimeError("something nobody foresaw\nwith a second line")
 
-    monkeypatch.setattr("fraglm.config.load_config", broken)
     monkeypatch.setattr(cli_options, "load_config", broken)
 
 

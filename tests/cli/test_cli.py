@@ -15,7 +15,7 @@ from fraglm.data.corpus import split_documents
 from fraglm.data.shards import load_run_tokenizer, load_tokens, read_meta
 from fraglm.data.tokenizer import decode
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = REPO_ROOT / "data" / "sample_health_qa.jsonl"
 
 

@@ -18,7 +18,7 @@ from fraglm.config import (
 )
 from fraglm.errors import FraglmError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
