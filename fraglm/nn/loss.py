@@ -4,10 +4,12 @@ rows at a time.
 The plain head materialises logits of shape (tokens, vocab) three times over (logits,
 log-probabilities, their gradient): for the p100 shape at batch 8 that is 8 x 512 x 8000
 fp32 values, 131 MB each, and most of a training step's peak memory. Here ``head`` runs
-as a module on one chunk of rows at a time, under ``torch.utils.checkpoint``: a chunk's
-logits are dropped after its loss and recomputed in the backward pass, so only one
-chunk's logits exist at a time, and hooks and wrappers on ``head`` (LoRA, float8) run
-in training as they do in inference.
+as a module on one chunk of rows at a time, and each chunk's gradients (of its hidden
+states and of the head's trainable parameters) are taken in the forward pass, so only
+one chunk's logits exist at a time and none are recomputed; hooks and wrappers on
+``head`` (LoRA, float8) run in training as they do in inference. Gradients reach only
+``head``'s trainable parameters (``head.parameters()``), not other tensors it may
+close over.
 """
 
 from __future__ import annotations
