@@ -12,6 +12,8 @@ Variants, each a set of patches over that model (p100.yaml's shape, QK-norm on):
   fused head + cross-entropy (``linear_cross_entropy_sum``, reads ``head.weight``);
 - ``head as module``: the loss through ``head`` called as a module, chunk by chunk, each
   chunk under ``torch.utils.checkpoint`` (what fraglm.nn.loss does since);
+- ``head as module, grads in forward``: ``head`` as a module per chunk, its gradients
+  (``torch.autograd.grad``) taken in the forward pass of an autograd Function;
 - ``plain rope``: q, k, v split from the projection, QK-norm on q and k, RoPE by
   chunk/cat under autograd (no ``torch.cat`` of the normed heads, no Function);
 - ``plain swiglu``: ``F.silu(gate) * up``; ``plain rmsnorm``: ``F.rms_norm``;
@@ -92,14 +94,54 @@ def head_module_loss(model):
     return loss
 
 
+class HeadGradInForward(torch.autograd.Function):
+    """fraglm.nn.loss's ``_HeadCrossEntropy`` at the time of measuring: per chunk, head's
+    forward and ``torch.autograd.grad`` in the forward pass, the gradients kept."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk, *params):
+        grad_hidden = torch.empty_like(hidden)
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows].detach().requires_grad_()
+            with torch.enable_grad():
+                loss = _chunk_loss(head, h, targets[rows])
+            grads = torch.autograd.grad(loss, [h, *params], allow_unused=True)
+            grad_hidden[rows] = grads[0]
+            for acc, grad in zip(grad_params, grads[1:], strict=True):
+                if grad is not None:
+                    acc += grad
+            total = total + loss.detach()
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, None, *(g * grad_total for g in grad_params)
+
+
+def head_grad_in_forward_loss(model):
+    def loss(hidden, weight, bias, targets):
+        params = [p for p in model.head.parameters() if p.requires_grad]
+        chunk = max(1, CHUNK_ELEMENTS // VOCAB)
+        return HeadGradInForward.apply(hidden, targets, model.head, chunk, *params)
+
+    return loss
+
+
 def variants(model) -> dict[str, Patches]:
     loss = {(M, "linear_cross_entropy_sum"): head_module_loss(model)}
+    grad_in_forward = {(M, "linear_cross_entropy_sum"): head_grad_in_forward_loss(model)}
     rope_ = {(M.Attention, "project"): plain_project}
     swiglu = {(M, "swiglu"): plain_swiglu}
     norm = {(M.RMSNorm, "forward"): plain_rmsnorm}
     return {
         "functions": {},
         "head as module": loss,
+        "head as module, grads in forward": grad_in_forward,
         "plain rope": rope_,
         "plain swiglu": swiglu,
         "plain rmsnorm": norm,
