@@ -380,6 +380,10 @@ class FragmentAttention(torch.autograd.Function):
             q_start=k.shape[2] - q.shape[2], q_doc=q_doc, k_doc=k_doc,
         )  # fmt: skip
         out = out.to(q.dtype)
+        # a tensor of its own to save: the returned lse is a view of fragment_forward's
+        # buffer, and torch.compile refuses to save such an alias when it traces the tile
+        # plan being built (a run's first step)
+        lse = lse.clone()
         ctx.save_for_backward(q, k, v, out, lse, *([] if doc_ids is None else [doc_ids]))
         ctx.options = (causal, fragment_size, scale)
         return out

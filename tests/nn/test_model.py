@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fraglm.attention import tiles
 from fraglm.config import ModelConfig, load_config
 from fraglm.nn.cache import KVCache
 from fraglm.nn.layers import RMSNorm, RotaryEmbedding, apply_rope, swiglu
@@ -357,3 +358,28 @@ def test_rmsnorm_matches_torch_and_its_gradients_are_exact():
     assert torch.autograd.gradcheck(norm, (x,))
     with torch.no_grad():  # inference takes ATen's fused forward
         torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_compiled_loss_matches_eager_with_fragment_attention(monkeypatch, with_documents):
+    """torch.compile of the training objective (what ``train.compile`` does on a CPU, a
+    V100 or a T4, where attention is the tile loop) traces FragmentAttention, its tile plan
+    built while tracing (a cold cache, as in a run's first step), and gives eager's loss
+    and gradients."""
+    monkeypatch.setattr(tiles, "_PLANS", {})
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=2, context_length=32, fragment_size=8)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 64)
+    idx, targets = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    doc_ids = (torch.arange(32) // 12).expand(2, -1) if with_documents else None
+    results = []
+    for objective in (torch.compile(TokenLoss(model)), TokenLoss(model)):
+        model.zero_grad()
+        loss = objective(idx, targets, doc_ids=doc_ids)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (compiled, compiled_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
