@@ -14,11 +14,14 @@ close over.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fraglm.nn.model import Transformer
+if TYPE_CHECKING:  # an annotation only: this module needs torch alone
+    from fraglm.nn.model import Transformer
 
 IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 22  # rows x vocab per chunk: 16 MB of fp32 logits
