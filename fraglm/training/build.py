@@ -1,21 +1,31 @@
 """The trainer's components, one build function each (as in torchtitan's trainer): the
-data (token shards and samplers) and the metrics tracker. The optimizer is
+data (token shards and samplers), the model with its training objective wrapped for data
+parallelism and compilation, and the metrics tracker. The optimizer is
 :func:`fraglm.training.optim.build_optimizer`; what a run starts from is
 :func:`fraglm.training.resume.start_point`."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from fraglm.config import Config
 from fraglm.data.batches import WindowSampler, make_sampler
 from fraglm.data.corpus import corpus_fingerprint
 from fraglm.data.shards import ensure_tokenized, load_run_tokenizer, load_tokens, read_meta
 from fraglm.data.tokenizer import special_ids, token_byte_lengths, vocab_size
+from fraglm.device import DevicePlan
 from fraglm.errors import FraglmError
+from fraglm.nn.loss import TokenLoss
+from fraglm.nn.model import Transformer
+from fraglm.parallel.context import apply_context_parallel
 from fraglm.parallel.distributed import DistEnv, wait_for_main
+from fraglm.runs.pointers import checkpoint_dir
+from fraglm.runs.verify import load_weights
 from fraglm.training.evaluation import EvalWindows
 from fraglm.training.resume import StartPoint, check_same_corpus, check_same_tokenizer
 from fraglm.training.tracking import Tracker
@@ -87,3 +97,38 @@ def build_tracker(
 ) -> Tracker | None:
     """The metrics tracker, on rank 0 only (``resume_step``: the step a resumed run is at)."""
     return Tracker(run_dir, cfg, resume_step=resume_step) if env.is_main else None
+
+
+def build_model(
+    cfg: Config,
+    plan: DevicePlan,
+    vocab_size: int,
+    device: torch.device,
+    env: DistEnv,
+    parent: Path | None,
+) -> tuple[Transformer, torch.nn.Module]:
+    """The model (from ``parent``'s best weights with ``train.init_from``; context
+    parallelism applied from outside) and the training objective the loop calls: a
+    :class:`~fraglm.nn.loss.TokenLoss`, wrapped in DDP and compiled where the plan says."""
+    torch.manual_seed(cfg.train.seed)
+    # the plan's attention kernels; the run's config keeps model.fragment_impl as given
+    model = Transformer(replace(cfg.model, fragment_impl=plan.attention), vocab_size).to(device)
+    if parent is not None:
+        start = checkpoint_dir(parent, "best")
+        load_weights(model, start)
+        log.info("initialised from %s", start)
+    if env.cp_group is not None:
+        apply_context_parallel(model, env.cp_group)
+    objective: torch.nn.Module = TokenLoss(model)
+    if env.enabled:
+        device_ids = [env.local_rank] if device.type == "cuda" else None
+        objective = DistributedDataParallel(objective, device_ids=device_ids)
+    if plan.compile:
+        objective = torch.compile(objective)
+    elif cfg.train.compile:
+        log.warning(
+            "note: torch.compile is not used on %s here (CUDA needs capability 7.0+); "
+            "training uncompiled",
+            device.type,
+        )
+    return model, objective

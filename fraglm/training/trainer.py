@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fraglm.config import Config
@@ -24,9 +23,7 @@ from fraglm.data.batches import Batch
 from fraglm.data.tokenizer import TOKENIZER_FILE
 from fraglm.device import plan_device, resolve_device
 from fraglm.errors import FraglmError
-from fraglm.nn.loss import TokenLoss
-from fraglm.nn.model import Transformer
-from fraglm.parallel.context import apply_context_parallel, local_attention
+from fraglm.parallel.context import local_attention
 from fraglm.parallel.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -40,9 +37,8 @@ from fraglm.runs.checkpoint import save_checkpoint
 from fraglm.runs.layout import write_run_files
 from fraglm.runs.pointers import checkpoint_dir
 from fraglm.runs.resume import open_run_dir
-from fraglm.runs.verify import load_weights
 from fraglm.storage import locks
-from fraglm.training.build import build_data, build_tracker
+from fraglm.training.build import build_data, build_model, build_tracker
 from fraglm.training.early_stopping import BestValidation
 from fraglm.training.evaluation import token_loss_sum
 from fraglm.training.interrupt import deferred_interrupt
@@ -67,8 +63,8 @@ class TrainResult:
 
 class Trainer:
     """The loop (``train_step``, ``evaluate``, ``save``, ``run``) over components that
-    :mod:`fraglm.training.build`, :mod:`~fraglm.training.resume` and
-    :mod:`~fraglm.training.optim` build; the model is built and wrapped here."""
+    :mod:`fraglm.training.build` (data, model and objective, tracker),
+    :mod:`~fraglm.training.resume` and :mod:`~fraglm.training.optim` build."""
 
     def __init__(
         self,
@@ -116,7 +112,9 @@ class Trainer:
         if self.env.enabled and self.device.type == "cuda":  # cuda:N too: a GPU per rank
             self.device = torch.device("cuda", self.env.local_rank)
         self.plan = plan_device(self.device, tcfg, cfg.model)
-        self._build_model(start.parent)
+        self.model, self.forward_model = build_model(
+            cfg, self.plan, self.vocab_size, self.device, self.env, start.parent
+        )
         self.optimizer = build_optimizer(self.model, tcfg, self.plan.muon_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.plan.precision.use_scaler)
         self.step = 0
@@ -130,34 +128,6 @@ class Trainer:
         self._skip_guard = SkippedStepGuard(self.scaler, tcfg.max_skipped_steps)
         resume_step = self.step if start.state is not None else None
         self.tracker = build_tracker(cfg, self.env, self.run_dir, resume_step)
-
-    def _build_model(self, parent: Path | None) -> None:
-        """The model, from ``parent``'s best weights with ``train.init_from``; wrapped for
-        data parallelism and compiled where the device plan says."""
-        cfg, tcfg = self.cfg, self.cfg.train
-        torch.manual_seed(tcfg.seed)
-        # the plan's attention kernels; the run's config keeps model.fragment_impl as given
-        model_cfg = replace(cfg.model, fragment_impl=self.plan.attention)
-        self.model = Transformer(model_cfg, self.vocab_size).to(self.device)
-        if parent is not None:
-            start = checkpoint_dir(parent, "best")
-            load_weights(self.model, start)
-            log.info("initialised from %s", start)
-        if self.env.cp_group is not None:
-            apply_context_parallel(self.model, self.env.cp_group)
-        # the training objective, as the module that DDP and torch.compile wrap
-        self.forward_model: torch.nn.Module = TokenLoss(self.model)
-        if self.env.enabled:
-            device_ids = [self.env.local_rank] if self.device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
-        if self.plan.compile:
-            self.forward_model = torch.compile(self.forward_model)
-        elif tcfg.compile:
-            log.warning(
-                "note: torch.compile is not used on %s here (CUDA needs capability 7.0+); "
-                "training uncompiled",
-                self.device.type,
-            )
 
     def save(self, *, best: bool = False) -> None:
         """Checkpoint (rank 0 writes: all ranks hold the same weights and optimizer state).
